@@ -294,6 +294,11 @@ def write_atomically(data: bytes, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (umask applied),
+        # so a worker running as another user can still read the model.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
