@@ -1,0 +1,20 @@
+"""Builds the backend a model config names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.inference_worker.backends import Backend
+from services.inference_worker.repository import ModelConfig
+from shared.errors import FailedPrecondition
+
+
+def make_backend(config: ModelConfig, model_dir: Path, cache_dir: Path, threads: int) -> Backend:
+    """The backend for one model (imports each backend's libraries only when used)."""
+    if config.backend == "echo":
+        from services.inference_worker.backends.echo import EchoBackend
+
+        return EchoBackend(config.parameters)
+    raise FailedPrecondition(
+        f"model {config.name!r}: backend {config.backend!r} is not available in this build"
+    )

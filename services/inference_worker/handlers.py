@@ -1,0 +1,148 @@
+"""The InferenceWorker gRPC servicer: decode a batch, run the backend, encode results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import numpy as np
+from opentelemetry import trace
+
+from services.inference_worker.backends import Backend, Item
+from services.inference_worker.repository import ModelConfig
+from shared.errors import InfermeshError, NotFound, message_of, status_of
+from shared.events import BATCH_OBSERVED, BatchObserved, Event
+from shared.pb.infermesh.v1 import common_pb2, inference_worker_pb2, inference_worker_pb2_grpc
+from shared.tensors import from_numpy, to_numpy
+from shared.validation import check_inputs
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("infermesh.inference_worker")
+
+
+class Model:
+    """A loaded model: its declaration and the backend that runs it."""
+
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        self.config = config
+        self.spec = config.spec()
+        self.backend = backend
+
+
+class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer):
+    """Executes batches formed by the batcher."""
+
+    def __init__(
+        self,
+        models: dict[str, Model],
+        worker: str,
+        publish: Callable[[str, Event], Awaitable[None]],
+    ) -> None:
+        self.models = models
+        self.worker = worker
+        self._publish = publish
+        self.outstanding = 0
+
+    async def Execute(
+        self, request: inference_worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> inference_worker_pb2.ExecuteResponse:
+        model = self.models.get(request.model)
+        if model is None:
+            raise NotFound(
+                f"model {request.model!r} is not loaded on this worker "
+                f"(loaded: {', '.join(sorted(self.models))})"
+            )
+        n = len(request.items)
+        self.outstanding += n
+        try:
+            return await self._execute(model, request)
+        finally:
+            self.outstanding -= n
+
+    async def _execute(
+        self, model: Model, request: inference_worker_pb2.ExecuteRequest
+    ) -> inference_worker_pb2.ExecuteResponse:
+        results: list[common_pb2.WorkResult | None] = [None] * len(request.items)
+        runnable: list[int] = []
+        items: list[Item] = []
+        for i, wire in enumerate(request.items):
+            try:
+                inputs = {t.name: to_numpy(t) for t in wire.inputs}
+                check_inputs(model.spec, inputs, wire.texts)
+            except InfermeshError as exc:
+                results[i] = _failed(wire.request_id, exc)
+                continue
+            runnable.append(i)
+            items.append(Item(inputs=inputs, texts=list(wire.texts)))
+        start = time.perf_counter()
+        if items:
+            with tracer.start_as_current_span(
+                "model.execute",
+                attributes={
+                    "infermesh.model": model.spec.name,
+                    "infermesh.backend": model.spec.backend,
+                    "infermesh.batch_size": len(items),
+                },
+            ):
+                if model.backend.blocking:
+                    outputs = await asyncio.to_thread(model.backend.execute, items)
+                else:
+                    outputs = model.backend.execute(items)
+            for i, out in zip(runnable, outputs, strict=True):
+                results[i] = common_pb2.WorkResult(
+                    request_id=request.items[i].request_id,
+                    outputs=[from_numpy(name, np.asarray(a)) for name, a in out.items()],
+                )
+        exec_ms = (time.perf_counter() - start) * 1000.0
+        if items:
+            self._observe(model.spec.name, len(items), request.queue_ms, exec_ms)
+        return inference_worker_pb2.ExecuteResponse(
+            results=results, exec_ms=exec_ms, worker=self.worker
+        )
+
+    def _observe(self, target: str, size: int, queue_ms: float, exec_ms: float) -> None:
+        event = BatchObserved(
+            target=target,
+            size=size,
+            queue_ms=queue_ms,
+            exec_ms=exec_ms,
+            worker=self.worker,
+            at_unix=time.time(),
+        )
+        # Fire and forget: the control path must never slow or fail the data path.
+        asyncio.get_running_loop().create_task(self._publish(f"{BATCH_OBSERVED}.{target}", event))
+
+    async def ListModels(
+        self, request: inference_worker_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_worker_pb2.ListModelsResponse:
+        out = []
+        for m in self.models.values():
+            s = m.spec
+            out.append(
+                inference_worker_pb2.ModelInfo(
+                    name=s.name,
+                    backend=s.backend,
+                    inputs=[
+                        inference_worker_pb2.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape)
+                        for t in s.inputs
+                    ],
+                    outputs=[
+                        inference_worker_pb2.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape)
+                        for t in s.outputs
+                    ],
+                    max_batch_size=s.max_batch_size,
+                    slo_ms=s.slo_ms,
+                    version=s.version,
+                    accepts_text=s.accepts_text,
+                )
+            )
+        return inference_worker_pb2.ListModelsResponse(models=out)
+
+
+def _failed(request_id: str, exc: BaseException) -> common_pb2.WorkResult:
+    return common_pb2.WorkResult(
+        request_id=request_id, error_code=status_of(exc).value[0], error_message=message_of(exc)
+    )

@@ -1,0 +1,80 @@
+"""Configuration read once from INFERMESH_* environment variables into frozen Structs.
+
+Each service defines its own Struct (``services/<name>/config.py``) that embeds the fields of
+``CommonConfig`` and calls ``from_env`` in ``main()``; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+PREFIX = "INFERMESH_"
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+class CommonConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings every service has."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """NATS server URL(s), comma separated."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 in containers)."""
+    grpc_port: int = 0
+    """gRPC port; 0 picks a free one (tests). Each service sets its own default."""
+    advertise_host: str = ""
+    """Host other services use to reach this one; empty = grpc_host."""
+    metrics_port: int = 0
+    """Prometheus /metrics HTTP port; 0 = off."""
+    data_dir: str = ".infermesh"
+    """Where state lives: collections, model cache, JetStream data (local runs)."""
+    instance: str = ""
+    """Instance id in membership; empty = <host>-<pid>."""
+    heartbeat_s: float = 1.0
+    """Membership heartbeat period."""
+    member_ttl_s: float = 5.0
+    """A member that misses heartbeats this long disappears from the live view."""
+    grace_s: float = 10.0
+    """How long in-flight RPCs may finish on shutdown."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def advertised(self, port: int) -> str:
+        """The endpoint (host:port) this service announces in membership."""
+        host = self.advertise_host or self.grpc_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{port}"
+
+
+def from_env(cls: type[T], env: Mapping[str, str] | None = None, **defaults: Any) -> T:
+    """Build a config Struct from INFERMESH_<FIELD> variables over the given defaults."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = dict(defaults)
+    for field in msgspec.structs.fields(cls):
+        key = PREFIX + field.name.upper()
+        if key in env:
+            raw[field.name] = env[key]
+    try:
+        # strict=False converts "8001" -> 8001, "true" -> True, "1.5" -> 1.5.
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.grpc_port`": name the variable instead.
+        text = str(exc)
+        for field in msgspec.structs.fields(cls):
+            text = text.replace(f"`$.{field.name}`", PREFIX + field.name.upper())
+        raise ConfigError(f"bad configuration: {text}") from None

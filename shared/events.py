@@ -1,0 +1,105 @@
+"""Control-path events: one tagged msgspec Struct per message, msgpack on the wire.
+
+Subjects are ``infermesh.<domain>.<event>[.<target>]``. Rules: new fields get defaults;
+fields are never retyped or reordered. One Decoder per subject, created once here.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# Subjects and buckets (DESIGN.md's control-path table).
+MEMBERS_BUCKET = "infermesh_members"
+POLICY_BUCKET = "infermesh_batch_policy"
+PLACEMENT_BUCKET = "infermesh_placement"
+BATCH_OBSERVED = "infermesh.batch.observed"  # .<target>
+TIERING_ACCESS = "infermesh.tiering.access"  # .<worker>
+TIERING_MOVE = "infermesh.tiering.move"  # .<worker>
+TIERING_MOVED = "infermesh.tiering.moved"  # .<worker>
+INGEST_STREAM = "INFERMESH_INGEST"
+INGEST_SUBJECT = "infermesh.ingest"  # .<collection>
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Base of every control-path message."""
+
+
+class Member(Event, frozen=True, kw_only=True, tag="member"):
+    """One service instance's heartbeat in the membership bucket."""
+
+    service: str
+    instance: str
+    endpoint: str
+    health: str = "SERVING"
+    load: int = 0
+    """Outstanding requests (workers: items in flight; batcher: queued)."""
+    targets: tuple[str, ...] = ()
+    """Models or collections this instance serves."""
+    metrics_port: int = 0
+    started_unix: float = 0.0
+    heartbeat_unix: float = 0.0
+
+
+class BatchObserved(Event, frozen=True, kw_only=True, tag="batch_observed"):
+    """One executed batch, as the worker saw it (input of the batch controller)."""
+
+    target: str
+    size: int
+    queue_ms: float
+    exec_ms: float
+    worker: str
+    at_unix: float = 0.0
+
+
+class BatchPolicy(Event, frozen=True, kw_only=True, tag="batch_policy"):
+    """How a target's queue forms batches; the controller writes it, every batcher applies it."""
+
+    target: str
+    max_batch_size: int
+    max_delay_ms: float
+    preferred_sizes: tuple[int, ...] = ()
+    slo_ms: float = 0.0
+    reason: str = ""
+    revision: int = 0
+    updated_unix: float = 0.0
+
+
+member_decoder = msgspec.msgpack.Decoder(Member)
+batch_observed_decoder = msgspec.msgpack.Decoder(BatchObserved)
+batch_policy_decoder = msgspec.msgpack.Decoder(BatchPolicy)
+encoder = msgspec.msgpack.Encoder()
+
+
+def encode(event: Event) -> bytes:
+    """Serialize an event for the wire."""
+    return encoder.encode(event)
+
+
+MODELS_BUCKET = "infermesh_models"
+
+
+class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A model input/output: name, KServe v2 dtype, shape without the batch dim (-1 = any)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = (-1,)
+
+
+class ModelSpec(Event, frozen=True, kw_only=True, tag="model_spec"):
+    """What a served model accepts and returns; workers publish it, router and batcher read it."""
+
+    name: str
+    backend: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int = 32
+    max_delay_ms: float = 2.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    slo_ms: float = 100.0
+    accepts_text: bool = False
+    version: str = "1"
+    max_queue: int = 1024
+
+
+model_spec_decoder = msgspec.msgpack.Decoder(ModelSpec)

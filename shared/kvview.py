@@ -1,0 +1,97 @@
+"""A live, local copy of a JetStream KV bucket, kept current by a watcher.
+
+Used for membership, model specs, batch policies and placement: readers consult the copy
+on the data path (no NATS round trip per request) and keep the last known values while
+NATS is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from nats.js.kv import KV_DEL, KV_PURGE
+
+from shared.bus import Bus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class KVView(Generic[T]):
+    """Decoded values of a KV bucket by key, updated as the bucket changes."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        bucket: str,
+        decoder: msgspec.msgpack.Decoder[T],
+        ttl_s: float | None = None,
+        on_change: Callable[[str, T | None], None] | None = None,
+    ) -> None:
+        self._bus = bus
+        self._bucket = bucket
+        self._decoder = decoder
+        self._ttl = ttl_s
+        self._on_change = on_change
+        self.values: dict[str, T] = {}
+        self._changed = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate() holds after some update; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"condition on KV {self._bucket} not met in {timeout}s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
+            except TimeoutError:
+                pass
+
+    def _apply(self, key: str, value: T | None) -> None:
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+        self._changed.set()
+        if self._on_change is not None:
+            self._on_change(key, value)
+
+    async def run(self) -> None:
+        """Watch the bucket forever; after a NATS outage, watch again from the current state."""
+        while True:
+            try:
+                kv = await self._bus.kv(self._bucket, ttl=self._ttl)
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:  # the initial values have all arrived
+                        self.ready.set()
+                        self._changed.set()
+                        continue
+                    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                        self._apply(entry.key, None)
+                        continue
+                    try:
+                        self._apply(entry.key, self._decoder.decode(entry.value))
+                    except msgspec.DecodeError as exc:
+                        log.warning("skipping bad record %s/%s: %s", self._bucket, entry.key, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("watch of %s interrupted (%s); retrying", self._bucket, exc)
+                await asyncio.sleep(1.0)
+
+    async def put(self, key: str, value: Any) -> int:
+        """Write a value (an event Struct) to the bucket; returns the revision."""
+        from shared.events import encode
+
+        kv = await self._bus.kv(self._bucket, ttl=self._ttl)
+        return int(await kv.put(key, encode(value)))

@@ -1,0 +1,203 @@
+"""The lifecycle every service shares: start, serve, and the one shutdown order.
+
+Start: connect NATS (retrying with backoff) -> build the gRPC server -> service hooks ->
+SERVING -> heartbeat. Stop (signal or a crashed loop): NOT_SERVING -> leave membership ->
+``server.stop(grace)`` -> service hooks -> NATS drain -> telemetry flush. Long-lived loops run
+in one TaskGroup; a loop that fails stops the service with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+from shared import metrics, rpc, telemetry
+from shared.bus import Bus
+from shared.config import CommonConfig
+from shared.events import Member
+from shared.membership import Heartbeat, MemberView
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Base of the five services: owns the bus, the gRPC server, health and heartbeat."""
+
+    #: Name in membership and metrics ("router", "batcher", "inference-worker", ...).
+    name: str = ""
+    #: Full names of the gRPC services registered (for reflection).
+    grpc_services: tuple[str, ...] = ()
+
+    def __init__(self, config: CommonConfig) -> None:
+        self.config = config
+        self.instance = config.instance or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.bus: Bus | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.health: health.aio.HealthServicer | None = None
+        self.members: MemberView | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._started = time.time()
+        self._serving = False
+        self._tasks: asyncio.TaskGroup | None = None
+        self._stopping = asyncio.Event()
+        self._stopped = False
+
+    # -- hooks for subclasses -------------------------------------------------------------
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add this service's servicers to the server."""
+
+    async def on_start(self) -> None:
+        """Prepare state that needs the bus (before SERVING)."""
+
+    def loops(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        """Long-lived loops to run until shutdown (besides heartbeat and membership)."""
+        return []
+
+    async def on_stop(self) -> None:
+        """Release what on_start acquired (after the server stopped taking work)."""
+
+    def targets(self) -> tuple[str, ...]:
+        """Models or collections this instance serves (membership)."""
+        return ()
+
+    def load(self) -> int:
+        """Outstanding work now (membership; least-loaded routing)."""
+        return 0
+
+    def watches_members(self) -> bool:
+        """Whether this service needs the live member view."""
+        return False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.advertised(self.port)
+
+    def member(self) -> Member:
+        """This instance's membership record now."""
+        return Member(
+            service=self.name,
+            instance=self.instance,
+            endpoint=self.endpoint,
+            health="SERVING" if self._serving else "NOT_SERVING",
+            load=self.load(),
+            targets=self.targets(),
+            metrics_port=self.config.metrics_port,
+            started_unix=self._started,
+            heartbeat_unix=time.time(),
+        )
+
+    async def start(self) -> None:
+        """Connect, bind, run the start hooks and report SERVING."""
+        cfg = self.config
+        self.bus = await Bus.connect(cfg.nats_url, name=f"{self.name}-{self.instance}")
+        self.server, self.port, self.health = rpc.create_server(
+            self.name,
+            cfg.grpc_host,
+            cfg.grpc_port,
+            [self.register],
+            self.grpc_services,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+        if self.watches_members():
+            self.members = MemberView(self.bus, cfg.member_ttl_s)
+        await self.on_start()
+        await self.server.start()
+        self._heartbeat = Heartbeat(self.bus, self.member, cfg.heartbeat_s, cfg.member_ttl_s)
+        self._serving = True
+        await rpc.set_serving(self.health, True)
+        await self._heartbeat.beat()
+        log.info("%s serving on %s", self.name, self.endpoint)
+
+    async def run(self) -> None:
+        """Run loops until stop() or a loop fails; then shut down in order."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                assert self._heartbeat is not None
+                tg.create_task(self._heartbeat.run(), name="heartbeat")
+                if self.members is not None:
+                    tg.create_task(self.members.run(), name="members")
+                for loop in self.loops():
+                    tg.create_task(loop(), name=loop.__name__)
+                tg.create_task(self._wait_stop(), name="stop")
+        except* _Stop:
+            pass
+        finally:
+            await self.shutdown()
+
+    async def _wait_stop(self) -> None:
+        await self._stopping.wait()
+        raise _Stop
+
+    def stop(self) -> None:
+        """Ask the service to shut down (signal handlers call this)."""
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING, leave, server.stop(grace), hooks, NATS drain, flush; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._serving = False
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self._heartbeat is not None:
+            await self._heartbeat.leave()
+        if self.server is not None:
+            await self.server.stop(self.config.grace_s)
+        await self.on_stop()
+        if self.bus is not None:
+            await self.bus.close()
+        telemetry.flush()
+        log.info("%s stopped", self.name)
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to end it when stop() is called."""
+
+
+def main(service_factory: Callable[[], Service], name: str, level: str = "INFO") -> None:
+    """Process entry point: logging, tracing, metrics, signals, run; exit non-zero on failure."""
+    telemetry.setup_logging(name, level)
+    telemetry.setup_tracing(name)
+
+    async def amain() -> None:
+        service = service_factory()
+        metrics.serve(service.config.metrics_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.start()
+        await service.run()
+
+    try:
+        asyncio.run(amain())
+    except KeyboardInterrupt:
+        pass
+    except BaseExceptionGroup as group:
+        for exc in _leaves(group):
+            log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+        raise SystemExit(1) from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

@@ -1,0 +1,96 @@
+"""Membership: every service heartbeats into a JetStream KV bucket; readers keep a live view.
+
+Writers put ``Member`` under ``<service>.<instance>`` every heartbeat; the bucket's TTL
+removes entries of instances that died. Readers watch the bucket and drop a member whose
+heartbeat is older than the TTL, but only while NATS is connected: with NATS down nobody
+can heartbeat, and the data path keeps the last known view (gRPC failures remove workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from nats.js.kv import KeyValue
+
+from shared.bus import Bus
+from shared.events import MEMBERS_BUCKET, Member, encode, member_decoder
+from shared.kvview import KVView
+
+log = logging.getLogger(__name__)
+
+
+def member_key(service: str, instance: str) -> str:
+    """KV key of one instance (KV keys allow [-/_=.a-zA-Z0-9])."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in instance)
+    return f"{service}.{safe}"
+
+
+class Heartbeat:
+    """Publishes this instance's Member record periodically until stopped."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        make_member: Callable[[], Member],
+        period_s: float,
+        ttl_s: float,
+    ) -> None:
+        self._bus = bus
+        self._make = make_member
+        self._period = period_s
+        self._ttl = ttl_s
+        self._kv: KeyValue | None = None
+        self._key = ""
+
+    async def beat(self) -> None:
+        """Write the record once (also called right away on start and on health changes)."""
+        if self._kv is None:
+            self._kv = await self._bus.kv(MEMBERS_BUCKET, ttl=self._ttl)
+        member = self._make()
+        self._key = member_key(member.service, member.instance)
+        await self._kv.put(self._key, encode(member))
+
+    async def run(self) -> None:
+        """Heartbeat loop; NATS outages are ridden out (the record expires and comes back)."""
+        while True:
+            try:
+                await self.beat()
+            except Exception as exc:
+                log.debug("heartbeat failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(self._period)
+
+    async def leave(self) -> None:
+        """Remove this instance's record at shutdown so readers stop routing to it at once."""
+        if self._kv is not None and self._key and self._bus.connected:
+            try:
+                await asyncio.wait_for(self._kv.delete(self._key), timeout=1.0)
+            except Exception as exc:
+                log.debug("leave failed: %s", exc)
+
+
+class MemberView(KVView[Member]):
+    """A live view of the members, fed by a KV watcher."""
+
+    def __init__(self, bus: Bus, ttl_s: float) -> None:
+        super().__init__(bus, MEMBERS_BUCKET, member_decoder, ttl_s=ttl_s)
+        self._member_ttl = ttl_s
+
+    def members(self, service: str | None = None) -> list[Member]:
+        """Live members, optionally of one service."""
+        now = time.time()
+        check_age = self._bus.connected
+        return [
+            m
+            for m in self.values.values()
+            if (service is None or m.service == service)
+            and not (check_age and now - m.heartbeat_unix > self._member_ttl)
+        ]
+
+    def forget(self, endpoint: str) -> None:
+        """Drop a member that failed on the data path until it heartbeats again."""
+        for key, m in list(self.values.items()):
+            if m.endpoint == endpoint:
+                del self.values[key]
