@@ -1,0 +1,373 @@
+"""The IVF search engine: coarse assignment, then one of two scan paths, and top-k merging.
+
+Both paths probe the same lists (the FAISS flat quantizer picks them) and score every live
+vector in them exactly, so they return the same results as a FAISS ``IndexIVFFlat`` with the
+same centroids and ``nprobe`` (up to ties and float rounding):
+
+- **grouped** (large batches): the (query, list) pairs of the batch are grouped by list and
+  each probed list is scanned once with one BLAS matrix product for all queries probing it.
+  Each query first scans its nearest list; the k-th best score there seeds its threshold, so
+  later lists only emit candidates above it and the per-query merge stays small.
+- **faiss** (small batches, where each list serves few queries and a matrix product per list
+  would be a matrix-vector product plus Python overhead): FAISS ``search_preassigned`` on an
+  IVF index whose inverted lists are the warm blocks themselves (no copy). Lists of blocks
+  FAISS cannot read (cold, memory-mapped) are scanned by the grouped scanner and merged.
+
+Scores: inner product for ``ip`` (higher is better); squared L2 distance for ``l2`` (lower is
+better), as FAISS reports them. A missing result (fewer than k candidates) has id -1 and score
+-inf (ip) / +inf (l2). Internally everything is "higher is better": for l2 the scanner works
+with ``2 q.x - |x|^2``, which orders like ``-|q - x|^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from services.retrieval_worker.blocks import BlockView, Tier
+from services.retrieval_worker.errors import InvalidArgument
+
+Metric = Literal["ip", "l2"]
+
+# Mean queries per probed list below which the FAISS path wins; measured with
+# bench/retrieval_engine.py (see the report in that module's docstring).
+DEFAULT_CROSSOVER = 4.0
+
+
+def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Validate a query batch and return it as C-contiguous float32 (n, dim)."""
+    if not isinstance(queries, np.ndarray):
+        raise InvalidArgument(f"queries must be a numpy array, got {type(queries).__name__}")
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise InvalidArgument(f"queries must have shape (n, {dim}), got {queries.shape}")
+    if queries.dtype not in (np.float32, np.float16, np.float64):
+        raise InvalidArgument(f"queries must be float32, got {queries.dtype}")
+    if queries.shape[0] == 0:
+        raise InvalidArgument("queries must hold at least one vector")
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise InvalidArgument("queries contain NaN or infinity")
+    return q
+
+
+def _worst(metric: Metric) -> float:
+    return float("-inf") if metric == "ip" else float("inf")
+
+
+def merge_topk(
+    results: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: Metric = "ip"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard ``(scores, ids)`` results of the same queries into the global top-k.
+
+    Pure function for the gather side of a scatter/gather: each shard searched a disjoint set
+    of blocks, so an id appears in at most one input. Padding (id -1) sorts last.
+    """
+    if k <= 0:
+        raise InvalidArgument(f"k must be positive, got {k}")
+    if not results:
+        raise InvalidArgument("merge_topk needs at least one result")
+    n = results[0][0].shape[0]
+    for s, i in results:
+        if s.shape != i.shape or s.ndim != 2 or s.shape[0] != n:
+            raise InvalidArgument("all results must be (n, k_i) score/id pairs of one batch")
+    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in results], axis=1)
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in results], axis=1)
+    key = -scores if metric == "ip" else scores.copy()
+    key[ids < 0] = np.inf
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    out_s = np.take_along_axis(scores, order, axis=1)
+    out_i = np.take_along_axis(ids, order, axis=1)
+    if out_s.shape[1] < k:
+        pad = k - out_s.shape[1]
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=_worst(metric))
+        out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+    out_s[out_i < 0] = _worst(metric)
+    return out_s, out_i
+
+
+class _Candidates:
+    """Candidate (query, score, id) triples collected while scanning lists."""
+
+    def __init__(self) -> None:
+        self.q: list[np.ndarray] = []
+        self.s: list[np.ndarray] = []
+        self.i: list[np.ndarray] = []
+
+    def add(self, q: np.ndarray, s: np.ndarray, i: np.ndarray) -> None:
+        self.q.append(q)
+        self.s.append(s)
+        self.i.append(i)
+
+    def topk(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best k per query, higher is better; missing = (-inf, -1)."""
+        out_s = np.full((n, k), -np.inf, dtype=np.float32)
+        out_i = np.full((n, k), -1, dtype=np.int64)
+        if not self.q:
+            return out_s, out_i
+        q = np.concatenate(self.q)
+        s = np.concatenate(self.s)
+        i = np.concatenate(self.i)
+        order = np.lexsort((-s, q))
+        q, s, i = q[order], s[order], i[order]
+        starts = np.searchsorted(q, np.arange(n))
+        rank = np.arange(q.size) - starts[q]
+        keep = rank < k
+        out_s[q[keep], rank[keep]] = s[keep]
+        out_i[q[keep], rank[keep]] = i[keep]
+        return out_s, out_i
+
+
+class Searcher:
+    """Searches one immutable snapshot of a collection's blocks.
+
+    Built by the collection each time its blocks change (flush, placement move); a search
+    uses the searcher it started with, so a concurrent swap never changes what it reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        metric: Metric,
+        nlist: int,
+        lists_per_block: int,
+        fp16: bool,
+        quantizer: faiss.IndexFlat,
+        blocks: Mapping[int, BlockView],
+        crossover: float = DEFAULT_CROSSOVER,
+    ) -> None:
+        self.dim = dim
+        self.metric: Metric = metric
+        self.nlist = nlist
+        self.lists_per_block = lists_per_block
+        self.quantizer = quantizer
+        self.blocks = dict(blocks)
+        self.crossover = crossover
+        nblocks = -(-nlist // lists_per_block)
+        # per list: is its block present, and can FAISS read it (RAM-resident)
+        self._present = np.zeros(nlist, dtype=bool)
+        self._faiss_readable = np.zeros(nlist, dtype=bool)
+        for b, view in self.blocks.items():
+            lo, hi = b * lists_per_block, min((b + 1) * lists_per_block, nlist)
+            self._present[lo:hi] = True
+            self._faiss_readable[lo:hi] = view.invlists is not None
+        self._index: faiss.IndexIVF | None = None
+        if self._faiss_readable.any():
+            code_size = dim * (2 if fp16 else 4)
+            self._keep: list[faiss.InvertedLists] = []
+            vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss stubs
+            for b in range(nblocks):
+                nl = min((b + 1) * lists_per_block, nlist) - b * lists_per_block
+                found = self.blocks.get(b)
+                il = found.invlists if found is not None else None
+                if il is None:
+                    il = faiss.ArrayInvertedLists(nl, code_size)  # empty stand-in
+                self._keep.append(il)
+                vec.push_back(il)
+            self._stack = faiss.VStackInvertedLists(  # type: ignore[attr-defined]  # not in stubs
+                vec.size(), vec.data()
+            )
+            fm = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+            index: faiss.IndexIVF
+            if fp16:
+                index = faiss.IndexIVFScalarQuantizer(
+                    quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, fm, False
+                )
+            else:
+                index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
+            index.replace_invlists(self._stack, False)
+            index.is_trained = True
+            index.ntotal = int(sum(v.count for v in self.blocks.values()))
+            self._index = index
+
+    # -- public ------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int,
+        block_filter: set[int] | frozenset[int] | None = None,
+        path: Literal["auto", "grouped", "faiss"] = "auto",
+    ) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, Tier], int]]:
+        """Top-k of each query over the probed lists of the blocks in ``block_filter``.
+
+        Returns scores, ids and the reads per (block, tier) for the access counters.
+        """
+        q = check_queries(queries, self.dim)
+        if not isinstance(k, int | np.integer) or k <= 0:
+            raise InvalidArgument(f"k must be a positive integer, got {k!r}")
+        if not isinstance(nprobe, int | np.integer) or not 1 <= nprobe <= self.nlist:
+            raise InvalidArgument(f"nprobe must be in [1, nlist={self.nlist}], got {nprobe!r}")
+        n = q.shape[0]
+        _, assign = self.quantizer.search(q, int(nprobe))
+        allowed = self._present
+        if block_filter is not None:
+            allowed = allowed.copy()
+            mask = np.zeros(self.nlist, dtype=bool)
+            for b in block_filter:
+                lo = b * self.lists_per_block
+                mask[lo : lo + self.lists_per_block] = True
+            allowed &= mask
+        assign = np.where((assign >= 0) & allowed[np.maximum(assign, 0)], assign, -1)
+        reads: dict[tuple[int, Tier], int] = {}
+        probed = assign[assign >= 0]
+        if probed.size == 0:
+            s = np.full((n, k), -np.inf, dtype=np.float32)
+            return (*self._external(q, s, np.full((n, k), -1, dtype=np.int64)), reads)
+        per_list = probed.size / np.unique(probed).size
+        use_faiss = path == "faiss" or (path == "auto" and per_list < self.crossover)
+        if use_faiss and self._index is not None:
+            s, i = self._search_faiss(q, k, int(nprobe), assign, reads)
+        else:
+            s, i = self._search_grouped(q, k, assign, reads)
+        return (*self._external(q, s, i), reads)
+
+    # -- paths -------------------------------------------------------------------------
+
+    def _external(
+        self, q: np.ndarray, s: np.ndarray, i: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Internal higher-is-better scores to the metric's scores (l2: squared distance)."""
+        if self.metric == "l2":
+            qn = np.einsum("ij,ij->i", q, q)
+            s = qn[:, None] - s
+            s[i < 0] = np.inf
+        else:
+            s[i < 0] = -np.inf
+        return s.astype(np.float32, copy=False), i
+
+    def _scan(
+        self, lst: int, qs: np.ndarray, reads: dict[tuple[int, Tier], int]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Score list ``lst`` against queries ``qs`` (m, dim): (m, rows) scores and ids."""
+        b = lst // self.lists_per_block
+        view = self.blocks[b]
+        key = (b, view.tier)
+        reads[key] = reads.get(key, 0) + 1
+        out = []
+        for chunk in view.chunks(lst - b * self.lists_per_block):
+            x = chunk.vectors
+            if x.dtype != np.float32:
+                x = x.astype(np.float32)  # float16 storage: upcast this run only
+            sims = qs @ x.T
+            if self.metric == "l2":
+                sims *= 2.0
+                sims -= np.einsum("ij,ij->i", x, x)[None, :]
+            if chunk.live is not None:
+                sims[:, ~chunk.live] = -np.inf
+            out.append((sims, np.asarray(chunk.ids)))
+        return out
+
+    def _scan_pairs(
+        self,
+        q: np.ndarray,
+        k: int,
+        qidx: np.ndarray,
+        lists: np.ndarray,
+        thresh: np.ndarray,
+        cands: _Candidates,
+        reads: dict[tuple[int, Tier], int],
+    ) -> None:
+        """Scan (query, list) pairs grouped by list; keep scores >= each query's threshold."""
+        if qidx.size == 0:
+            return
+        order = np.argsort(lists, kind="stable")
+        qidx, lists = qidx[order], lists[order]
+        bounds = np.flatnonzero(np.diff(lists)) + 1
+        starts = np.concatenate(([0], bounds))
+        ends = np.concatenate((bounds, [lists.size]))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            qs = qidx[a:b]
+            qsub = q[qs]
+            th = thresh[qs][:, None]
+            for sims, ids in self._scan(int(lists[a]), qsub, reads):
+                r, c = np.nonzero(sims >= th)
+                if r.size:
+                    cands.add(qs[r], sims[r, c], ids[c])
+
+    def _search_grouped(
+        self, q: np.ndarray, k: int, assign: np.ndarray, reads: dict[tuple[int, Tier], int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n = q.shape[0]
+        cands = _Candidates()
+        thresh = np.full(n, -np.inf, dtype=np.float32)
+        # seed: each query's nearest allowed list (assign is sorted nearest first)
+        valid = assign >= 0
+        has = valid.any(axis=1)
+        first_col = np.argmax(valid, axis=1)
+        seed = np.where(has, assign[np.arange(n), first_col], -1)
+        seed_q = np.flatnonzero(has)
+        order = np.argsort(seed[seed_q], kind="stable")
+        seed_q = seed_q[order]
+        seed_l = seed[seed_q]
+        bounds = np.flatnonzero(np.diff(seed_l)) + 1
+        for qs in np.split(seed_q, bounds) if seed_q.size else []:
+            parts = self._scan(int(seed[qs[0]]), q[qs], reads)
+            if not parts:
+                continue
+            sims = np.concatenate([p[0] for p in parts], axis=1)
+            ids = np.concatenate([p[1] for p in parts])
+            if sims.shape[1] > k:
+                top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                ts = np.take_along_axis(sims, top, axis=1)
+                thresh[qs] = ts.min(axis=1)
+            else:
+                top = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+                ts = sims
+            ok = np.isfinite(ts)
+            rows = np.broadcast_to(qs[:, None], ts.shape)
+            cands.add(rows[ok], ts[ok], ids[top][ok])
+        # the other probed lists, each scanned once for all its queries
+        rest = valid.copy()
+        rest[np.arange(n), first_col] = False
+        qq, cc = np.nonzero(rest)
+        self._scan_pairs(q, k, qq, assign[qq, cc], thresh, cands, reads)
+        return cands.topk(n, k)
+
+    def _search_faiss(
+        self,
+        q: np.ndarray,
+        k: int,
+        nprobe: int,
+        assign: np.ndarray,
+        reads: dict[tuple[int, Tier], int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert self._index is not None
+        n = q.shape[0]
+        readable = (assign >= 0) & self._faiss_readable[np.maximum(assign, 0)]
+        fa = np.ascontiguousarray(np.where(readable, assign, -1), dtype=np.int64)
+        dist = np.empty((n, k), dtype=np.float32)
+        labels = np.empty((n, k), dtype=np.int64)
+        coarse = np.zeros(fa.shape, dtype=np.float32)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        # the _c entry point takes per-call params, so concurrent searches with different
+        # nprobe never race on index.nprobe (the Python wrapper rejects params)
+        self._index.search_preassigned_c(  # type: ignore[attr-defined]  # not in stubs
+            n, faiss.swig_ptr(q), k, faiss.swig_ptr(fa), faiss.swig_ptr(coarse),
+            faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, params,
+        )
+        for lst in fa[fa >= 0].tolist():
+            b = lst // self.lists_per_block
+            reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + 1
+        if self.metric == "l2":
+            sims = np.einsum("ij,ij->i", q, q)[:, None] - dist
+        else:
+            sims = dist
+        sims = np.where(labels >= 0, sims, -np.inf).astype(np.float32)
+        other = (assign >= 0) & ~readable
+        if not other.any():
+            return sims, labels
+        # lists FAISS cannot read: scan them here, above FAISS's k-th best as threshold
+        cands = _Candidates()
+        ok = labels >= 0
+        rows = np.broadcast_to(np.arange(n)[:, None], labels.shape)
+        cands.add(rows[ok], sims[ok], labels[ok])
+        thresh = sims[:, -1].copy()
+        qq, cc = np.nonzero(other)
+        self._scan_pairs(q, k, qq, assign[qq, cc], thresh, cands, reads)
+        return cands.topk(n, k)
