@@ -27,7 +27,7 @@ def render() -> Callable[[str], list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="session", params=OVERLAYS)
-def objects(request: pytest.FixtureRequest, render: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def objects(
+    request: pytest.FixtureRequest, render: Callable[[str], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
     return render(request.param)
-
-

@@ -1,4 +1,4 @@
-"""Helpers for tests/deploy: paths, external tools, the metric table of docs/architecture.md, PromQL names.
+"""Helpers for tests/deploy: paths, tools, the metric table of the architecture doc, PromQL.
 
 A module with a unique name (not conftest) so test files import it under pytest's default
 `prepend` import mode without clashing with other test folders.
@@ -10,12 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -81,9 +79,34 @@ def series_names(metrics: dict[str, str]) -> set[str]:
 
 
 PROMQL_WORDS = {
-    "sum", "max", "min", "avg", "count", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "rate", "irate", "increase", "histogram_quantile", "le", "and", "or", "unless", "bool", "offset",
-    "topk", "bottomk", "quantile", "label_values", "abs", "clamp_min", "clamp_max",
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "le",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "topk",
+    "bottomk",
+    "quantile",
+    "label_values",
+    "abs",
+    "clamp_min",
+    "clamp_max",
 }
 
 
@@ -95,6 +118,8 @@ def metrics_in(expr: str) -> set[str]:
     stripped = re.sub(r"\(\s*[a-z_,\s]*\)\s*(?=\()", "", stripped)  # by (le, target) before a call
     words = set(re.findall(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b", stripped))
     labels_in_groupings = set()
-    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
+    for group in re.findall(
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr
+    ):
         labels_in_groupings |= {w.strip() for w in group.split(",")}
     return {w for w in words - PROMQL_WORDS - labels_in_groupings if not w.startswith("$")}

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests render, validate against the API schemas, and follow the mesh's policies."""
+"""The Kubernetes manifests render, validate against the API schemas, follow the mesh's policies."""
 
 from __future__ import annotations
 
@@ -55,13 +55,17 @@ def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_each_overlay_renders_every_service_and_nats(overlay: str, render: Callable[[str], Objects]) -> None:
+def test_each_overlay_renders_every_service_and_nats(
+    overlay: str, render: Callable[[str], Objects]
+) -> None:
     names = {w["metadata"]["name"] for w in workloads(render(overlay))}
     assert names == {*SERVICES, "nats"}
 
 
 @pytest.mark.parametrize("version", ["1.27.0", "1.37.0"])
-def test_rendered_objects_validate_strictly_against_the_kubernetes_schemas(objects: Objects, version: str) -> None:
+def test_rendered_objects_validate_strictly_against_the_kubernetes_schemas(
+    objects: Objects, version: str
+) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     checked = 0
     for obj in objects:
@@ -79,7 +83,9 @@ def test_every_container_has_startup_readiness_and_liveness_probes(objects: Obje
                 assert probe in c, f"{w['metadata']['name']}/{c['name']} lacks {probe}"
 
 
-def test_infermesh_services_probe_their_grpc_port_with_the_native_grpc_probe(objects: Objects) -> None:
+def test_infermesh_services_probe_their_grpc_port_with_the_native_grpc_probe(
+    objects: Objects,
+) -> None:
     for name, port in SERVICES.items():
         w = next(w for w in workloads(objects) if w["metadata"]["name"] == name)
         c = containers(w)[0]
@@ -96,7 +102,9 @@ def test_every_container_requests_and_limits_cpu_and_memory(objects: Objects) ->
         for c in containers(w):
             res = c.get("resources", {})
             for part in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(res.get(part, {})), f"{w['metadata']['name']} {part}"
+                assert {"cpu", "memory"} <= set(res.get(part, {})), (
+                    f"{w['metadata']['name']} {part}"
+                )
 
 
 def test_every_pod_meets_the_restricted_security_profile(objects: Objects) -> None:
@@ -131,10 +139,14 @@ def test_every_writable_path_is_a_volume_under_var_lib_infermesh_or_tmp(objects:
 def test_every_workload_is_selected_by_a_pod_disruption_budget(objects: Objects) -> None:
     pdbs = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     for w in workloads(objects):
-        assert any(selects(p["spec"]["selector"], pod_labels(w)) for p in pdbs), w["metadata"]["name"]
+        assert any(selects(p["spec"]["selector"], pod_labels(w)) for p in pdbs), w["metadata"][
+            "name"
+        ]
 
 
-def test_no_pod_disruption_budget_blocks_draining_a_single_replica_workload(objects: Objects) -> None:
+def test_no_pod_disruption_budget_blocks_draining_a_single_replica_workload(
+    objects: Objects,
+) -> None:
     pdbs = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     for w in workloads(objects):
         if w["spec"].get("replicas", 1) > 1:
@@ -152,7 +164,10 @@ def test_every_workload_is_autoscaled_or_marked_fixed_with_a_reason(objects: Obj
             targets.add((ref.get("kind", "Deployment"), ref["name"]))
     # Each workload has exactly one scaler: KEDA and an HPA on the same target fight.
     scalers = [o for o in objects if o["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
-    refs = [(o["spec"]["scaleTargetRef"].get("kind", "Deployment"), o["spec"]["scaleTargetRef"]["name"]) for o in scalers]
+    refs = [
+        (o["spec"]["scaleTargetRef"].get("kind", "Deployment"), o["spec"]["scaleTargetRef"]["name"])
+        for o in scalers
+    ]
     assert len(refs) == len(set(refs)), refs
     for w in workloads(objects):
         key = (w["kind"], w["metadata"]["name"])
@@ -163,7 +178,9 @@ def test_every_workload_is_autoscaled_or_marked_fixed_with_a_reason(objects: Obj
         else:
             assert key in targets, f"{key} has no HPA or ScaledObject"
     for ref in targets:
-        assert any((w["kind"], w["metadata"]["name"]) == ref for w in workloads(objects)), f"scaler targets missing {ref}"
+        assert any((w["kind"], w["metadata"]["name"]) == ref for w in workloads(objects)), (
+            f"scaler targets missing {ref}"
+        )
 
 
 def test_tiering_runs_one_replica_and_the_data_path_at_least_two(objects: Objects) -> None:
@@ -190,7 +207,9 @@ def test_termination_grace_outlasts_prestop_sleep_plus_grpc_drain(objects: Objec
                 pre_seconds = int(pre["exec"]["command"][1])
             else:
                 pre_seconds = 0  # nats lame-duck signal returns at once
-            assert spec["terminationGracePeriodSeconds"] > pre_seconds + DRAIN_SECONDS, w["metadata"]["name"]
+            assert spec["terminationGracePeriodSeconds"] > pre_seconds + DRAIN_SECONDS, w[
+                "metadata"
+            ]["name"]
 
 
 def test_services_advertise_their_pod_ip_from_the_downward_api(objects: Objects) -> None:
@@ -198,12 +217,18 @@ def test_services_advertise_their_pod_ip_from_the_downward_api(objects: Objects)
         if w["metadata"]["name"] == "nats":
             continue
         env = {e["name"]: e for e in containers(w)[0]["env"]}
-        assert env["INFERMESH_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert (
+            env["INFERMESH_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        )
 
 
 def test_env_configmap_sets_only_variables_of_the_process_contract(objects: Objects) -> None:
     contract = (REPO / "docs" / "architecture.md").read_text()
-    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("infermesh-env"))
+    cm = next(
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("infermesh-env")
+    )
     assert cm["data"]["INFERMESH_NATS_URL"].startswith("nats://nats")
     assert cm["data"]["INFERMESH_GRPC_HOST"] == "0.0.0.0"
     for key in cm["data"]:
@@ -215,7 +240,9 @@ def test_env_configmap_sets_only_variables_of_the_process_contract(objects: Obje
                 assert cm["metadata"]["name"] in refs, w["metadata"]["name"]
 
 
-def test_router_has_a_cluster_ip_entry_and_internal_grpc_services_are_headless(objects: Objects) -> None:
+def test_router_has_a_cluster_ip_entry_and_internal_grpc_services_are_headless(
+    objects: Objects,
+) -> None:
     entry = find(objects, "Service", "router")
     assert entry["spec"].get("clusterIP") != "None"
     assert [p["port"] for p in entry["spec"]["ports"]] == [8001]
@@ -225,14 +252,20 @@ def test_router_has_a_cluster_ip_entry_and_internal_grpc_services_are_headless(o
 
 def test_every_service_selects_a_workload_through_named_ports(objects: Objects) -> None:
     for svc in (o for o in objects if o["kind"] == "Service"):
-        matched = [w for w in workloads(objects) if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+        matched = [
+            w
+            for w in workloads(objects)
+            if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))
+        ]
         assert matched, svc["metadata"]["name"]
         port_names = {p["name"] for c in containers(matched[0]) for p in c["ports"]}
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in port_names, (svc["metadata"]["name"], p)
 
 
-def test_retrieval_worker_keeps_its_blocks_on_a_persistent_volume_per_shard(objects: Objects) -> None:
+def test_retrieval_worker_keeps_its_blocks_on_a_persistent_volume_per_shard(
+    objects: Objects,
+) -> None:
     sts = find(objects, "StatefulSet", "retrieval-worker")
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     assert "data" in claims
@@ -258,7 +291,9 @@ def test_pods_are_annotated_for_prometheus_scraping_on_the_metrics_port(objects:
         assert ann["prometheus.io/port"] == "9464"
 
 
-def test_gpu_overlay_gives_each_worker_a_gpu_on_gpu_nodes_with_the_gpu_image(render: Callable[[str], Objects]) -> None:
+def test_gpu_overlay_gives_each_worker_a_gpu_on_gpu_nodes_with_the_gpu_image(
+    render: Callable[[str], Objects],
+) -> None:
     objs = render("gpu")
     for w in workloads(objs):
         name = w["metadata"]["name"]
@@ -274,10 +309,15 @@ def test_gpu_overlay_gives_each_worker_a_gpu_on_gpu_nodes_with_the_gpu_image(ren
             assert gpus is None, name
             assert "infermesh-gpu" not in c["image"], name
     so = find(objs, "ScaledObject", "inference-worker")
-    assert any("infermesh_gpu_utilization_ratio" in t["metadata"].get("query", "") for t in so["spec"]["triggers"])
+    assert any(
+        "infermesh_gpu_utilization_ratio" in t["metadata"].get("query", "")
+        for t in so["spec"]["triggers"]
+    )
 
 
-def test_cpu_overlay_requests_no_gpus_and_sets_real_images(render: Callable[[str], Objects]) -> None:
+def test_cpu_overlay_requests_no_gpus_and_sets_real_images(
+    render: Callable[[str], Objects],
+) -> None:
     for w in workloads(render("cpu")):
         for c in containers(w):
             assert "nvidia.com/gpu" not in c["resources"]["limits"]
@@ -309,7 +349,9 @@ def _peer_matches(peer: dict[str, Any], policy_ns: str, src: Endpoint) -> bool:
     return True
 
 
-def _rule_allows(rule: dict[str, Any], key: str, policy_ns: str, other: Endpoint, port: int) -> bool:
+def _rule_allows(
+    rule: dict[str, Any], key: str, policy_ns: str, other: Endpoint, port: int
+) -> bool:
     ports = rule.get("ports")
     if ports and not any(p.get("port") == port for p in ports):
         return False
@@ -317,7 +359,9 @@ def _rule_allows(rule: dict[str, Any], key: str, policy_ns: str, other: Endpoint
     return not peers or any(_peer_matches(p, policy_ns, other) for p in peers)
 
 
-def _direction_allows(policies: Objects, direction: str, me: Endpoint, other: Endpoint, port: int) -> bool:
+def _direction_allows(
+    policies: Objects, direction: str, me: Endpoint, other: Endpoint, port: int
+) -> bool:
     key = "from" if direction == "Ingress" else "to"
     field = "ingress" if direction == "Ingress" else "egress"
     ns, labels = me
@@ -330,7 +374,9 @@ def _direction_allows(policies: Objects, direction: str, me: Endpoint, other: En
     ]
     if not applying:
         return True
-    return any(_rule_allows(r, key, ns, other, port) for p in applying for r in p["spec"].get(field, []))
+    return any(
+        _rule_allows(r, key, ns, other, port) for p in applying for r in p["spec"].get(field, [])
+    )
 
 
 def allowed(policies: Objects, src: Endpoint, dst: Endpoint, port: int) -> bool:
@@ -375,17 +421,23 @@ FORBIDDEN_FLOWS = [
 
 def _flow_id(flow: tuple[Endpoint, Endpoint, int]) -> str:
     (sns, sl), (dns, dl), port = flow
-    return f"{sl.get('app.kubernetes.io/name', sns)}->{dl.get('app.kubernetes.io/name', dns)}:{port}"
+    return (
+        f"{sl.get('app.kubernetes.io/name', sns)}->{dl.get('app.kubernetes.io/name', dns)}:{port}"
+    )
 
 
 @pytest.mark.parametrize("flow", REQUIRED_FLOWS, ids=_flow_id)
-def test_network_policy_allows_the_mesh_flow(render: Callable[[str], Objects], flow: tuple[Endpoint, Endpoint, int]) -> None:
+def test_network_policy_allows_the_mesh_flow(
+    render: Callable[[str], Objects], flow: tuple[Endpoint, Endpoint, int]
+) -> None:
     policies = [o for o in render("cpu") if o["kind"] == "NetworkPolicy"]
     assert allowed(policies, *flow)
 
 
 @pytest.mark.parametrize("flow", FORBIDDEN_FLOWS, ids=_flow_id)
-def test_network_policy_denies_flows_outside_the_mesh(render: Callable[[str], Objects], flow: tuple[Endpoint, Endpoint, int]) -> None:
+def test_network_policy_denies_flows_outside_the_mesh(
+    render: Callable[[str], Objects], flow: tuple[Endpoint, Endpoint, int]
+) -> None:
     policies = [o for o in render("cpu") if o["kind"] == "NetworkPolicy"]
     default_deny = [p for p in policies if p["spec"]["podSelector"] == {}]
     assert default_deny and set(default_deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
