@@ -36,6 +36,7 @@ class Bus:
         self.js = nc.jetstream()
         self.name = name
         self._buckets: dict[str, KeyValue] = {}
+        self._closing = {"now": False}
 
     @classmethod
     async def connect(
@@ -52,6 +53,7 @@ class Bus:
         """
         delay = 0.2
         attempt = 0
+        closing = {"now": False}  # set by close(): a drain is not an outage worth a warning
         urls = [s.strip() for s in servers.split(",") if s.strip()]
 
         async def reconnected() -> None:
@@ -60,6 +62,8 @@ class Bus:
                 await on_reconnect()
 
         async def disconnected() -> None:
+            if closing["now"]:
+                return
             log.warning("nats: disconnected; data path keeps serving on the last known state")
 
         async def error_cb(exc: Exception) -> None:
@@ -79,7 +83,9 @@ class Bus:
                     error_cb=error_cb,
                     allow_reconnect=True,
                 )
-                return cls(nc, name)
+                bus = cls(nc, name)
+                bus._closing = closing
+                return bus
             except (NoServersError, OSError, TimeoutError) as exc:
                 if attempts and attempt >= attempts:
                     raise ConnectionError(
@@ -153,6 +159,7 @@ class Bus:
         """Drain subscriptions and close; safe to call twice."""
         if self.nc.is_closed:
             return
+        self._closing["now"] = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except (TimeoutError, nats.errors.ConnectionClosedError):

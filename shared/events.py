@@ -103,3 +103,18 @@ class ModelSpec(Event, frozen=True, kw_only=True, tag="model_spec"):
 
 
 model_spec_decoder = msgspec.msgpack.Decoder(ModelSpec)
+
+
+class BlockPlaced(Event, frozen=True, kw_only=True, tag="block_placed"):
+    """Where one block of a collection lives: the tiering service's decision (placement KV)."""
+
+    collection: str
+    block: int
+    worker: str
+    tier: str
+    """"hot" | "warm" | "cold"."""
+    frequency: float = 0.0
+    revision: int = 0
+
+
+block_placed_decoder = msgspec.msgpack.Decoder(BlockPlaced)

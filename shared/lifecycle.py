@@ -51,6 +51,7 @@ class Service:
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._stopped = False
+        self._early: list[Coroutine[Any, Any, None]] = []
 
     # -- hooks for subclasses -------------------------------------------------------------
 
@@ -103,6 +104,8 @@ class Service:
         """Connect, bind, run the start hooks and report SERVING."""
         cfg = self.config
         self.bus = await Bus.connect(cfg.nats_url, name=f"{self.name}-{self.instance}")
+        if self.watches_members():
+            self.members = MemberView(self.bus, cfg.member_ttl_s)
         self.server, self.port, self.health = rpc.create_server(
             self.name,
             cfg.grpc_host,
@@ -111,8 +114,6 @@ class Service:
             self.grpc_services,
             max_message_bytes=cfg.max_message_bytes,
         )
-        if self.watches_members():
-            self.members = MemberView(self.bus, cfg.member_ttl_s)
         await self.on_start()
         await self.server.start()
         self._heartbeat = Heartbeat(self.bus, self.member, cfg.heartbeat_s, cfg.member_ttl_s)
@@ -132,11 +133,21 @@ class Service:
                     tg.create_task(self.members.run(), name="members")
                 for loop in self.loops():
                     tg.create_task(loop(), name=loop.__name__)
+                for coro in self._early:
+                    tg.create_task(coro)
+                self._early.clear()
                 tg.create_task(self._wait_stop(), name="stop")
         except* _Stop:
             pass
         finally:
             await self.shutdown()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a loop started after start-up (e.g. a new target's queue) with the others."""
+        if self._tasks is None:
+            self._early.append(coro)
+        else:
+            self._tasks.create_task(coro)
 
     async def _wait_stop(self) -> None:
         await self._stopping.wait()

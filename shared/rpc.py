@@ -28,7 +28,18 @@ from shared.errors import message_of, status_of
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health.SERVICE_NAME
+#: Trailing metadata key naming the service that produced an error status. Its absence on an
+#: UNAVAILABLE means the peer itself was unreachable (connection refused, reset, gone).
+ORIGIN_KEY = "infermesh-origin"
 _NOT_TRACED = filters.negate(filters.health_check())
+
+
+def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
+    """Whether an UNAVAILABLE came from the transport (peer gone), not from the peer's logic."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailing = err.trailing_metadata() or ()
+    return not any(key == ORIGIN_KEY for key, _ in trailing)
 
 
 def message_options(max_bytes: int) -> list[tuple[str, Any]]:
@@ -88,7 +99,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("internal error in %s", method)
                 metrics.observe_request(service, method, target, code.name, start)
-                await context.abort(code, message_of(exc))
+                await context.abort(code, message_of(exc), ((ORIGIN_KEY, service),))
             metrics.observe_request(service, method, target, "OK", start)
             return response
 

@@ -1,0 +1,94 @@
+"""Batcher wiring: model specs and members from NATS, one queue per target, dispatch."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from services.batcher.config import BatcherConfig
+from services.batcher.dispatch import WorkerPool
+from services.batcher.handlers import BatcherServicer, Queues
+from services.batcher.queue import Policy, TargetQueue
+from shared import metrics
+from shared.errors import NotFound, Unavailable
+from shared.events import MODELS_BUCKET, ModelSpec, model_spec_decoder
+from shared.kvview import KVView
+from shared.lifecycle import Service
+from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Batcher(Service, Queues):
+    """Per-target queues in front of the inference (and later retrieval) workers."""
+
+    name = "batcher"
+    grpc_services = (batcher_pb2.DESCRIPTOR.services_by_name["Batcher"].full_name,)
+
+    def __init__(self, config: BatcherConfig) -> None:
+        super().__init__(config)
+        self.cfg = config
+        self.default_timeout_s = config.default_timeout_ms / 1000.0
+        self.queues: dict[str, TargetQueue] = {}
+        self.models: KVView[ModelSpec] | None = None
+        self.pool: WorkerPool | None = None
+        self.servicer = BatcherServicer(self)
+
+    def watches_members(self) -> bool:
+        return True
+
+    def register(self, server: grpc.aio.Server) -> None:
+        batcher_pb2_grpc.add_BatcherServicer_to_server(self.servicer, server)
+
+    async def on_start(self) -> None:
+        assert self.bus is not None and self.members is not None
+        self.models = KVView(self.bus, MODELS_BUCKET, model_spec_decoder)
+        self.pool = WorkerPool(self.members, "inference-worker", self.cfg.max_message_bytes)
+        self.spawn(self.models.run())
+
+    async def on_stop(self) -> None:
+        for q in self.queues.values():
+            q.fail_all(Unavailable("batcher is shutting down"))
+        if self.pool is not None:
+            await self.pool.close()
+
+    def _policy(self, spec: ModelSpec) -> Policy:
+        return Policy(
+            max_batch_size=spec.max_batch_size,
+            max_delay_ms=spec.max_delay_ms,
+            preferred_sizes=spec.preferred_batch_sizes,
+            capacity=spec.max_queue or self.cfg.default_capacity,
+        )
+
+    def queue_for(self, target: str, kind: int) -> TargetQueue:
+        queue = self.queues.get(target)
+        if queue is not None:
+            return queue
+        assert self.models is not None and self.pool is not None
+        spec = self.models.values.get(target)
+        if spec is None:
+            known = ", ".join(sorted(self.models.values)) or "none"
+            raise NotFound(f"unknown model {target!r} (served: {known})")
+        pool = self.pool
+        queue = TargetQueue(
+            target,
+            self._policy(spec),
+            pool.execute,
+            lambda: max(1, len(pool.candidates(target))) * self.cfg.inflight_per_worker,
+        )
+        self.queues[target] = queue
+        metrics.POLICY_MAX_BATCH.labels(target).set(spec.max_batch_size)
+        metrics.POLICY_MAX_DELAY.labels(target).set(spec.max_delay_ms / 1000.0)
+        metrics.TARGET_SLO.labels(target).set(spec.slo_ms / 1000.0)
+        self.spawn(queue.run())
+        return queue
+
+    def all(self) -> list[TargetQueue]:
+        return list(self.queues.values())
+
+    def targets(self) -> tuple[str, ...]:
+        return tuple(sorted(self.queues))
+
+    def load(self) -> int:
+        return sum(len(q) for q in self.queues.values())

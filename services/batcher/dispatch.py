@@ -1,0 +1,139 @@
+"""Dispatch of formed batches to the least-loaded healthy worker that serves the target.
+
+Load is the number of items this batcher has outstanding on each worker (exact and current),
+tie-broken by the load the worker last reported in membership (which counts other batcher
+replicas too). A worker that fails mid-batch is dropped from the view until it heartbeats
+again, and the batch is retried once on another worker (model execution is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+
+import grpc
+
+from services.batcher.queue import Outcome, Pending
+from shared import rpc
+from shared.errors import DeadlineExceeded, RPCError, Unavailable
+from shared.events import Member
+from shared.membership import MemberView
+from shared.pb.infermesh.v1 import inference_worker_pb2, inference_worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+
+class WorkerPool:
+    """Channels to the workers of one service and the items outstanding on each."""
+
+    def __init__(self, members: MemberView, service: str, max_message_bytes: int) -> None:
+        self._members = members
+        self._service = service
+        self._max_bytes = max_message_bytes
+        self._stubs: dict[str, inference_worker_pb2_grpc.InferenceWorkerStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.outstanding: dict[str, int] = {}
+
+    def candidates(self, target: str) -> list[Member]:
+        """Live, SERVING workers that serve target."""
+        return [
+            m
+            for m in self._members.members(self._service)
+            if target in m.targets and m.health == "SERVING"
+        ]
+
+    def pick(self, target: str, exclude: set[str]) -> Member | None:
+        """The least-loaded candidate not in exclude."""
+        best: list[Member] = []
+        best_key: tuple[int, int] | None = None
+        for m in self.candidates(target):
+            if m.endpoint in exclude:
+                continue
+            key = (self.outstanding.get(m.endpoint, 0), m.load)
+            if best_key is None or key < best_key:
+                best, best_key = [m], key
+            elif key == best_key:
+                best.append(m)
+        return random.choice(best) if best else None
+
+    def _stub(self, endpoint: str) -> inference_worker_pb2_grpc.InferenceWorkerStub:
+        stub = self._stubs.get(endpoint)
+        if stub is None:
+            ch = rpc.channel(endpoint, self._max_bytes)
+            self._channels[endpoint] = ch
+            stub = self._stubs[endpoint] = inference_worker_pb2_grpc.InferenceWorkerStub(ch)
+        return stub
+
+    async def execute(self, target: str, batch: list[Pending]) -> None:
+        """Run a batch on a worker and resolve every request's future."""
+        start = time.monotonic()
+        queue_ms = sum((start - p.enqueued) for p in batch) * 1000.0 / len(batch)
+        request = inference_worker_pb2.ExecuteRequest(
+            model=target,
+            batch_id=uuid.uuid4().hex[:16],
+            items=[p.item for p in batch],
+            queue_ms=queue_ms,
+        )
+        timeout = max(p.deadline for p in batch) - start
+        tried: set[str] = set()
+        try:
+            for _attempt in range(2):
+                member = self.pick(target, tried)
+                if member is None:
+                    break
+                endpoint = member.endpoint
+                tried.add(endpoint)
+                self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(batch)
+                try:
+                    reply = await self._stub(endpoint).Execute(request, timeout=max(timeout, 0.001))
+                except grpc.aio.AioRpcError as err:
+                    # The worker was unreachable or went away mid-batch: the batch may run
+                    # again elsewhere, since model execution is idempotent.
+                    if rpc.peer_unreachable(err) or err.code() == grpc.StatusCode.CANCELLED:
+                        log.warning("worker %s failed a batch (%s); retrying elsewhere",
+                                    endpoint, err.code().name)
+                        self._members.forget(endpoint)
+                        continue
+                    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise DeadlineExceeded(
+                            f"deadline passed while {target!r} ran on {endpoint}") from None
+                    raise RPCError.from_aio(err, "inference-worker") from None
+                finally:
+                    self.outstanding[endpoint] -= len(batch)
+                _resolve(batch, reply, start, queue_ms)
+                return
+            raise Unavailable(
+                f"no healthy worker serves {target!r}"
+                + (f" (tried {', '.join(sorted(tried))})" if tried else "")
+            )
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets this error
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+def _resolve(
+    batch: list[Pending],
+    reply: inference_worker_pb2.ExecuteResponse,
+    start: float,
+    queue_ms: float,
+) -> None:
+    worker = reply.worker
+    for p, result in zip(batch, reply.results, strict=False):
+        if not p.future.done():
+            p.future.set_result(
+                Outcome(
+                    result=result,
+                    queue_ms=(start - p.enqueued) * 1000.0,
+                    exec_ms=reply.exec_ms,
+                    worker=worker,
+                    batch_size=len(batch),
+                )
+            )

@@ -1,0 +1,137 @@
+"""The Batcher gRPC servicer: queue a request's work and answer when its batch has run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.batcher.queue import Outcome, TargetQueue
+from shared.errors import DeadlineExceeded, InfermeshError, InvalidArgument, message_of, status_of
+from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
+from shared.status_codes import code_value, error_from
+
+log = logging.getLogger(__name__)
+
+
+class Queues:
+    """What the servicer needs from the app: a queue per target and the default timeout."""
+
+    default_timeout_s: float = 30.0
+
+    def queue_for(self, target: str, kind: int) -> TargetQueue:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def all(self) -> list[TargetQueue]:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
+    """Submit / SubmitStream / QueueStatus."""
+
+    def __init__(self, queues: Queues) -> None:
+        self._queues = queues
+
+    async def _submit(
+        self, request: batcher_pb2.SubmitRequest, time_remaining: float | None
+    ) -> batcher_pb2.SubmitResponse:
+        if not request.target:
+            raise InvalidArgument("submit needs a target (model or collection name)")
+        queue = self._queues.queue_for(request.target, request.kind)
+        now_unix = time.time()
+        timeouts = [self._queues.default_timeout_s]
+        if time_remaining is not None:
+            timeouts.append(time_remaining)
+        if request.item.deadline_unix_ms:
+            timeouts.append(request.item.deadline_unix_ms / 1000.0 - now_unix)
+        timeout = min(timeouts)
+        if timeout <= 0:
+            raise DeadlineExceeded(f"request for {request.target!r} arrived past its deadline")
+        pending = queue.submit(request.item, request.priority, time.monotonic() + timeout)
+        try:
+            outcome: Outcome = await asyncio.wait_for(pending.future, timeout=timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise DeadlineExceeded(
+                f"deadline of {timeout * 1e3:.0f} ms passed waiting for {request.target!r}"
+            ) from None
+        result = outcome.result
+        if result.error_code:
+            raise error_from(result.error_code, result.error_message)
+        return batcher_pb2.SubmitResponse(
+            result=result,
+            queue_ms=outcome.queue_ms,
+            exec_ms=outcome.exec_ms,
+            worker=outcome.worker,
+            batch_size=outcome.batch_size,
+        )
+
+    async def Submit(
+        self, request: batcher_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> batcher_pb2.SubmitResponse:
+        return await self._submit(request, context.time_remaining())
+
+    async def SubmitStream(
+        self,
+        requests: AsyncIterator[batcher_pb2.SubmitRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
+        """Many submits over one stream; each answer carries its request_id, errors inline."""
+        out: asyncio.Queue[batcher_pb2.SubmitResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: batcher_pb2.SubmitRequest) -> None:
+            try:
+                reply = await self._submit(req, None)
+            except InfermeshError as exc:
+                reply = _error_reply(req.item.request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one request's failure is answered inline
+                log.exception("submit failed")
+                reply = _error_reply(req.item.request_id, exc)
+            await out.put(reply)
+
+        async def read() -> None:
+            async for req in requests:
+                task = asyncio.get_running_loop().create_task(one(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await out.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def QueueStatus(
+        self, request: batcher_pb2.QueueStatusRequest, context: grpc.aio.ServicerContext
+    ) -> batcher_pb2.QueueStatusResponse:
+        return batcher_pb2.QueueStatusResponse(
+            queues=[
+                batcher_pb2.TargetQueue(
+                    target=q.target,
+                    depth=len(q),
+                    max_batch_size=q.policy.max_batch_size,
+                    max_delay_ms=q.policy.max_delay_ms,
+                    capacity=q.policy.capacity,
+                )
+                for q in self._queues.all()
+            ]
+        )
+
+
+def _error_reply(request_id: str, exc: BaseException) -> batcher_pb2.SubmitResponse:
+    return batcher_pb2.SubmitResponse(
+        result=common_pb2.WorkResult(
+            request_id=request_id,
+            error_code=code_value(status_of(exc)),
+            error_message=message_of(exc),
+        )
+    )

@@ -1,0 +1,171 @@
+"""One target's queue: Triton-style dynamic batching with priorities, deadlines and a bound.
+
+A batch is dispatched when it reaches ``max_batch_size`` or a preferred size, or when the
+oldest request has waited ``max_delay_ms``, and only while a dispatch slot is free: when
+every worker is busy, requests accumulate and the next batch is larger, so batch size
+follows load. Requests whose deadline passed, or whose caller went away, are never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from shared import metrics
+from shared.errors import DeadlineExceeded, ResourceExhausted
+from shared.pb.infermesh.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How batches are formed for one target (written by the controller, applied here)."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    preferred_sizes: tuple[int, ...] = ()
+    capacity: int = 1024
+
+
+@dataclass(order=True)
+class Pending:
+    """A queued request: ordered by priority (higher first), then arrival."""
+
+    sort_key: tuple[int, int]
+    item: common_pb2.WorkItem = field(compare=False)
+    future: asyncio.Future[Outcome] = field(compare=False)
+    enqueued: float = field(compare=False)
+    deadline: float = field(compare=False)  # time.monotonic(); inf = none
+
+
+@dataclass
+class Outcome:
+    """What a request's future resolves to."""
+
+    result: common_pb2.WorkResult
+    queue_ms: float
+    exec_ms: float
+    worker: str
+    batch_size: int
+
+
+Dispatch = Callable[[str, list[Pending]], Awaitable[None]]
+
+
+class TargetQueue:
+    """Forms batches for one target and hands them to dispatch()."""
+
+    def __init__(
+        self, target: str, policy: Policy, dispatch: Dispatch, slots: Callable[[], int]
+    ) -> None:
+        self.target = target
+        self.policy = policy
+        self._dispatch = dispatch
+        self._slots = slots
+        self._heap: list[Pending] = []
+        self._seq = itertools.count()
+        self._arrived = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._first_arrival = 0.0
+        self.inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def submit(self, item: common_pb2.WorkItem, priority: int, deadline: float) -> Pending:
+        """Queue a request; RESOURCE_EXHAUSTED when the queue is at capacity."""
+        if len(self._heap) >= self.policy.capacity:
+            raise ResourceExhausted(
+                f"queue for {self.target!r} is full ({self.policy.capacity} requests); retry later"
+            )
+        now = time.monotonic()
+        if not self._heap:
+            self._first_arrival = now
+        pending = Pending(
+            sort_key=(-priority, next(self._seq)),
+            item=item,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued=now,
+            deadline=deadline,
+        )
+        heapq.heappush(self._heap, pending)
+        metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
+        self._arrived.set()
+        return pending
+
+    def _ready_size(self) -> int:
+        n = len(self._heap)
+        p = self.policy
+        if n >= p.max_batch_size:
+            return p.max_batch_size
+        fits = [s for s in p.preferred_sizes if s <= n]
+        return max(fits) if fits else 0
+
+    async def run(self) -> None:
+        """Form and dispatch batches forever."""
+        while True:
+            while not self._heap:
+                self._arrived.clear()
+                await self._arrived.wait()
+            while self.inflight >= max(1, self._slots()):
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            await self._wait_formed()
+            batch = self._take()
+            if batch:
+                self._start(batch)
+
+    async def _wait_formed(self) -> None:
+        # Wait for a full or preferred batch, at most until the oldest request's delay is up.
+        due = self._first_arrival + self.policy.max_delay_ms / 1000.0
+        while self._heap and not self._ready_size():
+            left = due - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except (TimeoutError, asyncio.TimeoutError):
+                return
+
+    def _take(self) -> list[Pending]:
+        size = self._ready_size() or self.policy.max_batch_size
+        now = time.monotonic()
+        batch: list[Pending] = []
+        while self._heap and len(batch) < size:
+            p = heapq.heappop(self._heap)
+            if p.future.done():  # caller gone or timed out: never execute it
+                continue
+            if p.deadline <= now:
+                p.future.set_exception(
+                    DeadlineExceeded(f"deadline passed after {(now - p.enqueued) * 1e3:.1f} ms "
+                                     f"in the queue for {self.target!r}")
+                )
+                continue
+            batch.append(p)
+        self._first_arrival = min((p.enqueued for p in self._heap), default=now)
+        metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
+        return batch
+
+    def _start(self, batch: list[Pending]) -> None:
+        self.inflight += 1
+        metrics.BATCH_SIZE.labels(self.target).observe(len(batch))
+        task = asyncio.get_running_loop().create_task(self._dispatch(self.target, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.inflight -= 1
+        self._slot_freed.set()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Answer every queued request with exc (shutdown)."""
+        while self._heap:
+            p = heapq.heappop(self._heap)
+            if not p.future.done():
+                p.future.set_exception(exc)

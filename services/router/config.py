@@ -1,0 +1,15 @@
+"""Router configuration (INFERMESH_* environment)."""
+
+from __future__ import annotations
+
+from shared.config import CommonConfig
+
+
+class RouterConfig(CommonConfig, frozen=True, kw_only=True):
+    """Settings of one router process."""
+
+    grpc_port: int = 8001
+    default_timeout_ms: int = 30_000
+    """End-to-end deadline for requests that set none."""
+    max_tensor_elements: int = 1 << 24
+    """Largest tensor (elements) a request may carry."""

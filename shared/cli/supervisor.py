@@ -1,0 +1,171 @@
+"""The local mesh behind `infermesh up`: nats-server plus the five services as processes.
+
+Starts NATS (JetStream, data under the data dir), then every service on free ports, waits
+until each reports SERVING on grpc.health.v1, and writes ``<data dir>/mesh.json`` so other
+CLI commands find the running mesh. Stops in the drain order: router, batcher, workers,
+tiering, NATS last. Tests and benchmarks use the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.cli.procs import Child, free_port, start_nats, start_service
+
+#: Start order (dependencies first); stop order is the reverse.
+ORDER = ("tiering", "retrieval-worker", "inference-worker", "batcher", "router")
+
+
+class MeshError(RuntimeError):
+    """The local mesh could not start; the message names the service and its log."""
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """Whether address reports SERVING (overall health)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class LocalMesh:
+    """Owns the processes of one local mesh."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
+        router_port: int = 0,
+        service_env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.logs = self.data_dir / "logs"
+        self.env = env or {}
+        self.replicas = {name: 1 for name in ORDER} | (replicas or {})
+        self.router_port = router_port
+        self.service_env = service_env or {}
+        self.nats: Child | None = None
+        self.nats_url = ""
+        self.children: list[Child] = []
+        self.endpoints: dict[str, str] = {}  # child name -> host:port
+
+    @property
+    def router_address(self) -> str:
+        return self.endpoints["router"]
+
+    def start(self, on_step: Callable[[str], None] = lambda _: None, timeout: float = 120.0) -> None:
+        """Start NATS and every service; return once all report SERVING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        on_step(f"starting nats-server (JetStream) on 127.0.0.1:{port}")
+        self.nats = start_nats(self.data_dir, port, self.logs)
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        for name in ORDER:
+            for i in range(self.replicas.get(name, 0)):
+                suffix = f"-{i}" if self.replicas[name] > 1 else ""
+                self._spawn(name, suffix)
+        on_step("waiting for every service to report SERVING")
+        self._wait_serving(timeout)
+        self._write_state()
+
+    def _spawn(self, name: str, suffix: str) -> Child:
+        grpc_port = self.router_port if name == "router" and self.router_port else free_port()
+        env = {
+            "INFERMESH_NATS_URL": self.nats_url,
+            "INFERMESH_GRPC_HOST": "127.0.0.1",
+            "INFERMESH_GRPC_PORT": str(grpc_port),
+            "INFERMESH_METRICS_PORT": str(free_port()),
+            "INFERMESH_DATA_DIR": str(self.data_dir),
+            "INFERMESH_INSTANCE": f"{name}{suffix or '-0'}",
+            **self.env,
+            **self.service_env.get(name, {}),
+        }
+        child = start_service(name, env, self.logs, suffix)
+        self.children.append(child)
+        self.endpoints[name + suffix] = f"127.0.0.1:{grpc_port}"
+        return child
+
+    def add(self, name: str, suffix: str, timeout: float = 60.0) -> Child:
+        """Start one more instance of a service (scale-out tests)."""
+        child = self._spawn(name, suffix)
+        self._wait_serving(timeout, [child])
+        return child
+
+    def _wait_serving(self, timeout: float, children: list[Child] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        waiting = list(children or self.children)
+        while waiting:
+            for child in list(waiting):
+                if not child.alive():
+                    raise MeshError(
+                        f"{child.name} exited with code {child.proc.returncode} while starting; "
+                        f"log {child.log_path}:\n{child.log_tail()}"
+                    )
+                if grpc_serving(self.endpoints[child.name], timeout=0.5):
+                    waiting.remove(child)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in waiting)
+                raise MeshError(f"not SERVING after {timeout:.0f}s: {names} (logs in {self.logs})")
+            if waiting:
+                time.sleep(0.1)
+
+    def _write_state(self) -> None:
+        state = {
+            "router": self.router_address,
+            "nats": self.nats_url,
+            "endpoints": self.endpoints,
+            "pids": {c.name: c.pid for c in self.children},
+        }
+        (self.data_dir / "mesh.json").write_text(json.dumps(state, indent=2))
+
+    def dead(self) -> list[Child]:
+        """Children that exited on their own."""
+        gone = [c for c in self.children if not c.alive()]
+        if self.nats is not None and not self.nats.alive():
+            gone.append(self.nats)
+        return gone
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def stop(self, timeout: float = 15.0) -> dict[str, int]:
+        """Stop services in drain order, NATS last; returns exit codes by name."""
+        codes: dict[str, int] = {}
+        for name in reversed(ORDER):
+            for child in [c for c in self.children if c.service == name]:
+                codes[child.name] = child.stop(timeout)
+        if self.nats is not None:
+            codes["nats"] = self.nats.stop(timeout)
+        (self.data_dir / "mesh.json").unlink(missing_ok=True)
+        return codes
+
+    def __enter__(self) -> LocalMesh:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def read_state(data_dir: Path) -> dict[str, object]:
+    """The running mesh's addresses, as written by `infermesh up` (empty if none)."""
+    try:
+        return dict(json.loads((data_dir / "mesh.json").read_text()))
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,136 @@
+"""The Python client of the mesh: Router.Infer with numpy in and out.
+
+    with Client("127.0.0.1:8001") as mesh:
+        result = mesh.infer("minilm-l6", texts=["hello"])
+        result.outputs["embedding"]  # numpy array
+
+Errors arrive as ``shared.errors.RPCError`` with the gRPC status and the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from shared.errors import RPCError
+from shared.pb.infermesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from shared.tensors import from_numpy, to_numpy
+
+
+@dataclass
+class Result:
+    """One answer: outputs by name, per-step timings, and hits for search pipelines."""
+
+    request_id: str
+    outputs: dict[str, np.ndarray]
+    timings: list[common_pb2.StepTiming]
+    hits: list[list[common_pb2.Hit]] = field(default_factory=list)
+
+
+def build_request(
+    model: str = "",
+    inputs: Mapping[str, np.ndarray] | None = None,
+    texts: Sequence[str] = (),
+    *,
+    pipeline: str = "",
+    collection: str = "",
+    k: int = 0,
+    nprobe: int = 0,
+    priority: int = 0,
+    timeout_ms: int = 0,
+    request_id: str = "",
+) -> router_pb2.InferRequest:
+    """The wire request for these arguments."""
+    return router_pb2.InferRequest(
+        model=model,
+        pipeline=pipeline,
+        inputs=[from_numpy(name, np.asarray(a)) for name, a in (inputs or {}).items()],
+        texts=list(texts),
+        collection=collection,
+        k=k,
+        nprobe=nprobe,
+        priority=priority,
+        timeout_ms=timeout_ms,
+        request_id=request_id,
+    )
+
+
+def parse_response(reply: router_pb2.InferResponse) -> Result:
+    """Decode a wire response."""
+    return Result(
+        request_id=reply.request_id,
+        outputs={t.name: to_numpy(t) for t in reply.outputs},
+        timings=list(reply.timings),
+        hits=[list(h.hits) for h in reply.results],
+    )
+
+
+class Client:
+    """A blocking client over one channel (thread-safe, as grpc channels are)."""
+
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(target, options=opts)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def infer(self, model: str = "", *args: object, timeout: float = 30.0, **kwargs: object) -> Result:
+        """Run one request; RPCError on failure."""
+        request = build_request(model, *args, **kwargs)  # type: ignore[arg-type]
+        try:
+            return parse_response(self._stub.Infer(request, timeout=timeout))
+        except grpc.RpcError as err:
+            raise RPCError(err.details() or err.code().name, err.code()) from None  # type: ignore[attr-defined]
+
+    def list_targets(self, timeout: float = 5.0) -> router_pb2.ListTargetsResponse:
+        return self._stub.ListTargets(router_pb2.ListTargetsRequest(), timeout=timeout)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio client (grpc.aio) for load generators and services."""
+
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.aio.insecure_channel(target, options=opts)
+        self.stub = router_pb2_grpc.RouterStub(self._channel)
+
+    async def infer(
+        self, model: str = "", *args: object, timeout: float = 30.0, **kwargs: object
+    ) -> Result:
+        request = build_request(model, *args, **kwargs)  # type: ignore[arg-type]
+        try:
+            return parse_response(await self.stub.Infer(request, timeout=timeout))
+        except grpc.aio.AioRpcError as err:
+            raise RPCError(err.details() or err.code().name, err.code()) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
