@@ -150,8 +150,10 @@ def _encoder_layer(
     kh = heads(k, f"{a}.k", [0, 2, 3, 1])  # [b, h, d, s]: K^T without an extra Transpose
     vh = heads(v, f"{a}.v", [0, 2, 1, 3])  # [b, h, s, d]
 
-    scale = g.const(f"{a}.scale", np.array(1.0 / math.sqrt(cfg.head_dim), np.float32))
-    scores = g.op("Mul", [g.op("MatMul", [qh, kh], f"{a}.qk"), scale], f"{a}.scaled")
+    # Div by sqrt(d) rather than Mul by its inverse: the fusion pattern expects Div (a Mul here
+    # is mistaken for the mask Mul), and ORT folds either into the MatMul's alpha anyway.
+    sqrt_d = g.const(f"{a}.sqrt_d", np.array(math.sqrt(cfg.head_dim), np.float32))
+    scores = g.op("Div", [g.op("MatMul", [qh, kh], f"{a}.qk"), sqrt_d], f"{a}.scaled")
     probs = g.op(
         "Softmax", [g.op("Add", [scores, mask_bias], f"{a}.masked")], f"{a}.probs", axis=-1
     )
@@ -220,18 +222,27 @@ def build_graph(
     x = _layer_norm(g, x, weights, "embeddings.LayerNorm", cfg.eps)
 
     # Additive attention bias [batch, 1, 1, seq]: 0 where attended, float32 min where padded,
-    # the same constant HF BERT uses so padded keys get exactly zero probability.
-    mask_f = g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
-    inverted = g.op("Sub", [g.const("one_f", np.array(1.0, np.float32)), mask_f], "mask_inverted")
-    neg = g.const("mask_min", np.array(np.finfo(np.float32).min, np.float32))
-    mask_bias = g.op(
+    # the constant HF BERT uses, so padded keys get exactly zero probability. The op order
+    # (Unsqueeze, Unsqueeze, Cast, Sub, Mul) is the one a PyTorch export produces, which is
+    # what onnxruntime.transformers' optimizer matches to fuse each layer into Attention.
+    mask_4d = g.op(
         "Unsqueeze",
         [
-            g.op("Mul", [inverted, neg], "mask_bias_2d"),
-            g.const("axes_1_2", np.array([1, 2], np.int64)),
+            g.op(
+                "Unsqueeze",
+                ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
+                "mask_3d_i",
+            ),
+            g.const("mask_axes_2", np.array([2], np.int64)),
         ],
-        "mask_bias",
+        "mask_4d_i",
     )
+    mask_4d_f = g.op("Cast", [mask_4d], "mask_4d_f", to=TensorProto.FLOAT)
+    inverted = g.op(
+        "Sub", [g.const("one_f", np.array(1.0, np.float32)), mask_4d_f], "mask_inverted"
+    )
+    neg = g.const("mask_min", np.array(np.finfo(np.float32).min, np.float32))
+    mask_bias = g.op("Mul", [inverted, neg], "mask_bias")
 
     for i in range(cfg.layers):
         say(f"encoder layer {i + 1}/{cfg.layers}")
@@ -240,6 +251,7 @@ def build_graph(
     # Mean pooling over real tokens (sentence-transformers Pooling, clamp 1e-9) then
     # F.normalize(p=2, eps=1e-12), both inside the graph so callers get final vectors.
     say("pooling")
+    mask_f = g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
     mask_3d = g.op("Unsqueeze", [mask_f, g.const("axes_2", np.array([2], np.int64))], "mask_3d")
     axis_seq = g.const("axes_seq", np.array([1], np.int64))
     summed = g.op(
