@@ -6,6 +6,11 @@ same centroids and ``nprobe`` (up to ties and float rounding):
 
 - **grouped** (large batches): the (query, list) pairs of the batch are grouped by list and
   each probed list is scanned once with one BLAS matrix product for all queries probing it.
+  Lists are dealt over ``threads`` Python threads (numpy releases the GIL in the product);
+  numpy's BLAS should run single-threaded in the worker process (``OPENBLAS_NUM_THREADS=1``
+  or ``threadpoolctl.threadpool_limits(1, "blas")`` in ``main()``): its spinning threads
+  fight FAISS's OpenMP threads and any neighbour process for the cores (measured: 2-30x
+  slower on 2 cores), and the small per-list products gain nothing from them.
   Each query first scans its nearest list; the k-th best score there seeds its threshold, so
   later lists only emit candidates above it and the per-query merge stays small.
 - **faiss** (small batches, where each list serves few queries and a matrix product per list
@@ -21,7 +26,9 @@ with ``2 q.x - |x|^2``, which orders like ``-|q - x|^2``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import faiss
@@ -35,6 +42,18 @@ Metric = Literal["ip", "l2"]
 # Mean queries per probed list below which the FAISS path wins; measured with
 # bench/retrieval_engine.py (see the report in that module's docstring).
 DEFAULT_CROSSOVER = 4.0
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Shared executor for list scans (one per thread count, created on first use)."""
+    with _pool_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ivf-scan")
+        return _pools[threads]
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -101,6 +120,11 @@ class _Candidates:
         self.s.append(s)
         self.i.append(i)
 
+    def extend(self, other: _Candidates) -> None:
+        self.q += other.q
+        self.s += other.s
+        self.i += other.i
+
     def topk(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Best k per query, higher is better; missing = (-inf, -1)."""
         out_s = np.full((n, k), -np.inf, dtype=np.float32)
@@ -138,8 +162,10 @@ class Searcher:
         quantizer: faiss.IndexFlat,
         blocks: Mapping[int, BlockView],
         crossover: float = DEFAULT_CROSSOVER,
+        threads: int = 0,
     ) -> None:
         self.dim = dim
+        self.threads = threads  # 0: follow faiss.omp_get_max_threads()
         self.metric: Metric = metric
         self.nlist = nlist
         self.lists_per_block = lists_per_block
@@ -262,10 +288,51 @@ class Searcher:
             out.append((sims, np.asarray(chunk.ids)))
         return out
 
+    @staticmethod
+    def _groups(qidx: np.ndarray, lists: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(query, list) pairs grouped by list: [(list, query indices)]."""
+        if qidx.size == 0:
+            return []
+        order = np.argsort(lists, kind="stable")
+        qidx, lists = qidx[order], lists[order]
+        bounds = np.flatnonzero(np.diff(lists)) + 1
+        return [(int(g[0]), qs) for g, qs in
+                zip(np.split(lists, bounds), np.split(qidx, bounds), strict=True)]
+
+    def _run(
+        self,
+        groups: list[tuple[int, np.ndarray]],
+        scan: Callable[[int, np.ndarray, _Candidates, dict[tuple[int, Tier], int]], None],
+        cands: _Candidates,
+        reads: dict[tuple[int, Tier], int],
+    ) -> None:
+        """Scan groups, split over the engine's threads (BLAS releases the GIL)."""
+        threads = self.threads or faiss.omp_get_max_threads()
+        if threads <= 1 or len(groups) < 2 * threads:
+            for lst, qs in groups:
+                scan(lst, qs, cands, reads)
+            return
+        # largest groups first, dealt round-robin, so the buckets take about the same time
+        groups = sorted(groups, key=lambda g: -g[1].size)
+        buckets = [groups[t::threads] for t in range(threads)]
+
+        def work(bucket: list[tuple[int, np.ndarray]]
+                 ) -> tuple[_Candidates, dict[tuple[int, Tier], int]]:
+            c, r = _Candidates(), {}  # type: _Candidates, dict[tuple[int, Tier], int]
+            for lst, qs in bucket:
+                scan(lst, qs, c, r)
+            return c, r
+
+        futures = [_pool(threads).submit(work, b) for b in buckets[1:]]
+        results = [work(buckets[0])] + [f.result() for f in futures]
+        for c, r in results:
+            cands.extend(c)
+            for key, v in r.items():
+                reads[key] = reads.get(key, 0) + v
+
     def _scan_pairs(
         self,
         q: np.ndarray,
-        k: int,
         qidx: np.ndarray,
         lists: np.ndarray,
         thresh: np.ndarray,
@@ -273,21 +340,16 @@ class Searcher:
         reads: dict[tuple[int, Tier], int],
     ) -> None:
         """Scan (query, list) pairs grouped by list; keep scores >= each query's threshold."""
-        if qidx.size == 0:
-            return
-        order = np.argsort(lists, kind="stable")
-        qidx, lists = qidx[order], lists[order]
-        bounds = np.flatnonzero(np.diff(lists)) + 1
-        starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [lists.size]))
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            qs = qidx[a:b]
-            qsub = q[qs]
+
+        def scan(lst: int, qs: np.ndarray, c: _Candidates, r: dict[tuple[int, Tier], int]
+                 ) -> None:
             th = thresh[qs][:, None]
-            for sims, ids in self._scan(int(lists[a]), qsub, reads):
-                r, c = np.nonzero(sims >= th)
-                if r.size:
-                    cands.add(qs[r], sims[r, c], ids[c])
+            for sims, ids in self._scan(lst, q[qs], r):
+                rows, cols = np.nonzero(sims >= th)
+                if rows.size:
+                    c.add(qs[rows], sims[rows, cols], ids[cols])
+
+        self._run(self._groups(qidx, lists), scan, cands, reads)
 
     def _search_grouped(
         self, q: np.ndarray, k: int, assign: np.ndarray, reads: dict[tuple[int, Tier], int]
@@ -299,33 +361,32 @@ class Searcher:
         valid = assign >= 0
         has = valid.any(axis=1)
         first_col = np.argmax(valid, axis=1)
-        seed = np.where(has, assign[np.arange(n), first_col], -1)
         seed_q = np.flatnonzero(has)
-        order = np.argsort(seed[seed_q], kind="stable")
-        seed_q = seed_q[order]
-        seed_l = seed[seed_q]
-        bounds = np.flatnonzero(np.diff(seed_l)) + 1
-        for qs in np.split(seed_q, bounds) if seed_q.size else []:
-            parts = self._scan(int(seed[qs[0]]), q[qs], reads)
+
+        def seed(lst: int, qs: np.ndarray, c: _Candidates, r: dict[tuple[int, Tier], int]
+                 ) -> None:
+            parts = self._scan(lst, q[qs], r)
             if not parts:
-                continue
+                return
             sims = np.concatenate([p[0] for p in parts], axis=1)
             ids = np.concatenate([p[1] for p in parts])
             if sims.shape[1] > k:
                 top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
                 ts = np.take_along_axis(sims, top, axis=1)
-                thresh[qs] = ts.min(axis=1)
+                thresh[qs] = ts.min(axis=1)  # groups hold disjoint queries: no race
             else:
                 top = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
                 ts = sims
             ok = np.isfinite(ts)
             rows = np.broadcast_to(qs[:, None], ts.shape)
-            cands.add(rows[ok], ts[ok], ids[top][ok])
+            c.add(rows[ok], ts[ok], ids[top][ok])
+
+        self._run(self._groups(seed_q, assign[seed_q, first_col[seed_q]]), seed, cands, reads)
         # the other probed lists, each scanned once for all its queries
         rest = valid.copy()
         rest[np.arange(n), first_col] = False
         qq, cc = np.nonzero(rest)
-        self._scan_pairs(q, k, qq, assign[qq, cc], thresh, cands, reads)
+        self._scan_pairs(q, qq, assign[qq, cc], thresh, cands, reads)
         return cands.topk(n, k)
 
     def _search_faiss(
@@ -369,5 +430,5 @@ class Searcher:
         cands.add(rows[ok], sims[ok], labels[ok])
         thresh = sims[:, -1].copy()
         qq, cc = np.nonzero(other)
-        self._scan_pairs(q, k, qq, assign[qq, cc], thresh, cands, reads)
+        self._scan_pairs(q, qq, assign[qq, cc], thresh, cands, reads)
         return cands.topk(n, k)
