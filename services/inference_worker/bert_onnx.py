@@ -2,8 +2,10 @@
 
 The graph is the sentence-transformers pipeline end to end: BERT encoder -> mean pooling over
 ``attention_mask`` -> L2 normalisation, so a single ``InferenceSession.run`` returns the final
-sentence embedding. Only standard ONNX ops (opset 17) are used; onnxruntime's own graph
-optimiser fuses LayerNorm, GELU and MatMul+Add at session creation.
+sentence embedding. Only standard ONNX ops (opset 17) are used. At session creation
+onnxruntime's graph optimiser fuses GELU with its bias (BiasGelu) and folds the attention
+scale into the MatMul; the graph is also spelled so that ``onnxruntime.transformers``'
+offline optimizer can fuse Attention and SkipLayerNormalization, should that ever pay off.
 """
 
 from __future__ import annotations
