@@ -28,15 +28,39 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.bus")
 
 
+class _Link:
+    """Connection facts the client callbacks update: closing, and a reconnect generation."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.generation = 0
+        self.changed = asyncio.Event()
+
+    def reconnected(self) -> None:
+        self.generation += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
 class Bus:
     """A connected NATS client plus the mesh's conventions on top of it."""
 
-    def __init__(self, nc: Client, name: str) -> None:
+    def __init__(self, nc: Client, name: str, link: _Link | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = name
         self._buckets: dict[str, KeyValue] = {}
-        self._closing = {"now": False}
+        self._link = link or _Link()
+
+    @property
+    def generation(self) -> int:
+        """Increases on every reconnect: watchers and consumers re-subscribe when it moves."""
+        return self._link.generation
+
+    async def wait_reconnect(self, generation: int) -> None:
+        """Return once the connection was re-established after `generation`."""
+        while self._link.generation == generation:
+            await self._link.changed.wait()
 
     @classmethod
     async def connect(
@@ -53,16 +77,17 @@ class Bus:
         """
         delay = 0.2
         attempt = 0
-        closing = {"now": False}  # set by close(): a drain is not an outage worth a warning
+        link = _Link()
         urls = [s.strip() for s in servers.split(",") if s.strip()]
 
         async def reconnected() -> None:
             log.info("nats: reconnected to %s", nc.connected_url)
+            link.reconnected()
             if on_reconnect is not None:
                 await on_reconnect()
 
         async def disconnected() -> None:
-            if closing["now"]:
+            if link.closing:  # close() drains on purpose: not an outage
                 return
             log.warning("nats: disconnected; data path keeps serving on the last known state")
 
@@ -77,15 +102,16 @@ class Bus:
                     name=name,
                     connect_timeout=2,
                     reconnect_time_wait=0.5,
-                    max_reconnect_attempts=-1,
+                    # Fail the first connect fast so this loop logs and backs off; once
+                    # connected, reconnect forever (set below).
+                    max_reconnect_attempts=1,
                     reconnected_cb=reconnected,
                     disconnected_cb=disconnected,
                     error_cb=error_cb,
                     allow_reconnect=True,
                 )
-                bus = cls(nc, name)
-                bus._closing = closing
-                return bus
+                nc.options["max_reconnect_attempts"] = -1
+                return cls(nc, name, link)
             except (NoServersError, OSError, TimeoutError) as exc:
                 if attempts and attempt >= attempts:
                     raise ConnectionError(
@@ -159,7 +185,7 @@ class Bus:
         """Drain subscriptions and close; safe to call twice."""
         if self.nc.is_closed:
             return
-        self._closing["now"] = True
+        self._link.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except (TimeoutError, nats.errors.ConnectionClosedError):

@@ -8,6 +8,7 @@ NATS is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -66,28 +67,55 @@ class KVView(Generic[T]):
             self._on_change(key, value)
 
     async def run(self) -> None:
-        """Watch the bucket forever; after a NATS outage, watch again from the current state."""
+        """Watch the bucket forever; after a reconnect, watch again from the current state.
+
+        A re-watch replays the bucket's current values; keys that vanished meanwhile are
+        dropped once the replay is complete, and until then the last copy keeps serving.
+        """
         while True:
+            generation = self._bus.generation
             try:
                 kv = await self._bus.kv(self._bucket, ttl=self._ttl)
                 watcher = await kv.watchall()
-                async for entry in watcher:
-                    if entry is None:  # the initial values have all arrived
-                        self.ready.set()
-                        self._changed.set()
-                        continue
-                    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                        self._apply(entry.key, None)
-                        continue
-                    try:
-                        self._apply(entry.key, self._decoder.decode(entry.value))
-                    except msgspec.DecodeError as exc:
-                        log.warning("skipping bad record %s/%s: %s", self._bucket, entry.key, exc)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.debug("watch of %s interrupted (%s); retrying", self._bucket, exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # noqa: BLE001 - NATS outage: keep the last copy, retry
+                log.debug("watch of %s failed (%s); retrying", self._bucket, exc)
+                await asyncio.sleep(0.5)
+                continue
+            consume = asyncio.ensure_future(self._consume(watcher))
+            moved = asyncio.ensure_future(self._bus.wait_reconnect(generation))
+            try:
+                await asyncio.wait({consume, moved}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (consume, moved):
+                    task.cancel()
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+            if consume.done() and not consume.cancelled() and consume.exception() is not None:
+                log.debug("watch of %s interrupted: %s", self._bucket, consume.exception())
+                await asyncio.sleep(0.5)
+
+    async def _consume(self, watcher: Any) -> None:
+        seen: set[str] | None = set()
+        async for entry in watcher:
+            if entry is None:  # the replay of current values is complete
+                if seen is not None:
+                    for key in set(self.values) - seen:
+                        self._apply(key, None)
+                    seen = None
+                self.ready.set()
+                self._changed.set()
+                continue
+            if seen is not None:
+                seen.add(entry.key)
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                self._apply(entry.key, None)
+                continue
+            try:
+                self._apply(entry.key, self._decoder.decode(entry.value))
+            except msgspec.DecodeError as exc:
+                log.warning("skipping bad record %s/%s: %s", self._bucket, entry.key, exc)
 
     async def put(self, key: str, value: Any) -> int:
         """Write a value (an event Struct) to the bucket; returns the revision."""
