@@ -41,7 +41,7 @@ Metric = Literal["ip", "l2"]
 
 # Mean queries per probed list below which the FAISS path wins; measured with
 # bench/retrieval_engine.py (see the report in that module's docstring).
-DEFAULT_CROSSOVER = 4.0
+DEFAULT_CROSSOVER = 6.0
 
 
 _pool_lock = threading.Lock()
@@ -205,6 +205,9 @@ class Searcher:
             else:
                 index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
             index.replace_invlists(self._stack, False)
+            # search_preassigned (unlike search) runs single-threaded in the default mode 0;
+            # mode 3 spreads its queries over the OpenMP threads
+            index.parallel_mode = 3
             index.is_trained = True
             index.ntotal = int(sum(v.count for v in self.blocks.values()))
             self._index = index
@@ -412,9 +415,9 @@ class Searcher:
             n, faiss.swig_ptr(q), k, faiss.swig_ptr(fa), faiss.swig_ptr(coarse),
             faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, params,
         )
-        for lst in fa[fa >= 0].tolist():
-            b = lst // self.lists_per_block
-            reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + 1
+        blocks, counts = np.unique(fa[fa >= 0] // self.lists_per_block, return_counts=True)
+        for b, c in zip(blocks.tolist(), counts.tolist(), strict=True):
+            reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + c
         if self.metric == "l2":
             sims = np.einsum("ij,ij->i", q, q)[:, None] - dist
         else:
