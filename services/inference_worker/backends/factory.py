@@ -15,6 +15,18 @@ def make_backend(config: ModelConfig, model_dir: Path, cache_dir: Path, threads:
         from services.inference_worker.backends.echo import EchoBackend
 
         return EchoBackend(config.parameters)
+    if config.backend == "onnx":
+        from services.inference_worker.backends.onnx import OnnxBackend
+
+        build = config.parameters.get("build")
+        if build == "minilm-l6":
+            # The default model is built from its wheel on first use (about a second).
+            from services.inference_worker.build_model import build as build_default
+
+            model_path = build_default(cache_dir)
+        else:
+            model_path = model_dir / str(config.parameters.get("model", "model.onnx"))
+        return OnnxBackend(model_path, config.parameters, threads)
     raise FailedPrecondition(
         f"model {config.name!r}: backend {config.backend!r} is not available in this build"
     )
