@@ -27,7 +27,7 @@ with ``2 q.x - |x|^2``, which orders like ``-|q - x|^2``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -36,6 +36,9 @@ import numpy as np
 
 from services.retrieval_worker.blocks import BlockView, Tier
 from services.retrieval_worker.errors import InvalidArgument
+from shared.topk import merge_topk
+
+__all__ = ["DEFAULT_CROSSOVER", "Searcher", "check_queries", "merge_topk"]
 
 Metric = Literal["ip", "l2"]
 
@@ -70,41 +73,6 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise InvalidArgument("queries contain NaN or infinity")
     return q
-
-
-def _worst(metric: Metric) -> float:
-    return float("-inf") if metric == "ip" else float("inf")
-
-
-def merge_topk(
-    results: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: Metric = "ip"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard ``(scores, ids)`` results of the same queries into the global top-k.
-
-    Pure function for the gather side of a scatter/gather: each shard searched a disjoint set
-    of blocks, so an id appears in at most one input. Padding (id -1) sorts last.
-    """
-    if k <= 0:
-        raise InvalidArgument(f"k must be positive, got {k}")
-    if not results:
-        raise InvalidArgument("merge_topk needs at least one result")
-    n = results[0][0].shape[0]
-    for s, i in results:
-        if s.shape != i.shape or s.ndim != 2 or s.shape[0] != n:
-            raise InvalidArgument("all results must be (n, k_i) score/id pairs of one batch")
-    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in results], axis=1)
-    ids = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in results], axis=1)
-    key = -scores if metric == "ip" else scores.copy()
-    key[ids < 0] = np.inf
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    out_s = np.take_along_axis(scores, order, axis=1)
-    out_i = np.take_along_axis(ids, order, axis=1)
-    if out_s.shape[1] < k:
-        pad = k - out_s.shape[1]
-        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=_worst(metric))
-        out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
-    out_s[out_i < 0] = _worst(metric)
-    return out_s, out_i
 
 
 class _Candidates:
