@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import grpc
+from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 
 from services.router.config import RouterConfig
 from services.router.handlers import RouterServicer
+from services.router.kserve import SERVICE_NAME as KSERVE_SERVICE
+from services.router.kserve import KServeServicer
 from services.router.upstream import Batchers
 from shared.events import MODELS_BUCKET, ModelSpec, model_spec_decoder
 from shared.kvview import KVView
@@ -17,7 +20,7 @@ class Router(Service):
     """The mesh's entry point."""
 
     name = "router"
-    grpc_services = (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,)
+    grpc_services = (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, KSERVE_SERVICE)
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
@@ -41,6 +44,18 @@ class Router(Service):
             self.cfg.max_tensor_elements,
         )
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
+        kserve = KServeServicer(
+            self.servicer, lambda: self._serving, self._model_ready, self.cfg.max_tensor_elements
+        )
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
+
+    def _model_ready(self, model: str) -> bool:
+        """KServe ModelReady: some healthy inference worker serves the model."""
+        assert self.members is not None
+        return any(
+            m.health == "SERVING" and model in m.targets
+            for m in self.members.members("inference-worker")
+        )
 
     async def on_start(self) -> None:
         assert self.models is not None

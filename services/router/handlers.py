@@ -59,6 +59,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise NotFound(f"unknown model {name!r} (served: {known})")
         return spec
 
+    def spec(self, name: str) -> ModelSpec:
+        """A served model's spec (NotFound naming it and the served ones); KServe uses it."""
+        return self._spec(name)
+
+    def served(self) -> list[str]:
+        """Names of the models the mesh serves now, sorted."""
+        return sorted(self._models.values)
+
     def _timeout(self, request: router_pb2.InferRequest, remaining: float | None) -> float:
         budget = [self._default_timeout]
         if request.timeout_ms:
@@ -135,7 +143,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 reply = await self.infer(req, None)
             except InfermeshError as exc:
                 reply = _error_response(req.request_id, exc)
-            except Exception as exc:  # noqa: BLE001 - answered inline with INTERNAL
+            except Exception as exc:
                 log.exception("stream request failed")
                 reply = _error_response(req.request_id, exc)
             await out.put(reply)
