@@ -27,6 +27,10 @@ def make_backend(config: ModelConfig, model_dir: Path, cache_dir: Path, threads:
         else:
             model_path = model_dir / str(config.parameters.get("model", "model.onnx"))
         return OnnxBackend(model_path, config.parameters, threads)
+    if config.backend == "triton":
+        from services.inference_worker.backends.triton import TritonBackend
+
+        return TritonBackend(config)
     raise FailedPrecondition(
         f"model {config.name!r}: backend {config.backend!r} is not available in this build"
     )
