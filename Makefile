@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install up test test-fast lint fmt typecheck protos protos-check model bench clean
+.PHONY: deploy-tools install up test test-fast lint fmt typecheck protos protos-check model bench clean
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -29,7 +29,17 @@ model: $(STAMP)
 up: model
 	$(BIN)/infermesh up
 
-test: model
+# Optional system tools for the deploy checks (promtool, docker-compose): installed from
+# Debian only when running as root (CI); otherwise those tests skip and say why.
+deploy-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	    apt-get update -qq >/dev/null 2>&1; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus docker-compose >/dev/null 2>&1 || echo "note: promtool/docker-compose not installed"; }; \
+	fi
+
+test: model deploy-tools
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 

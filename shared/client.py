@@ -80,7 +80,9 @@ class Client:
         self._channel = grpc.insecure_channel(target, options=opts)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
-    def infer(self, model: str = "", *args: object, timeout: float = 30.0, **kwargs: object) -> Result:
+    def infer(
+        self, model: str = "", *args: object, timeout: float = 30.0, **kwargs: object
+    ) -> Result:
         """Run one request; RPCError on failure."""
         request = build_request(model, *args, **kwargs)  # type: ignore[arg-type]
         try:

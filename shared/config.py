@@ -48,6 +48,8 @@ class CommonConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     log_level: str = "INFO"
+    tracing: bool = True
+    """OpenTelemetry spans for RPCs and batches (exported only with OTEL_EXPORTER_OTLP_ENDPOINT)."""
 
     @property
     def data_path(self) -> Path:

@@ -79,7 +79,7 @@ class KVView(Generic[T]):
                 watcher = await kv.watchall()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - NATS outage: keep the last copy, retry
+            except Exception as exc:
                 log.debug("watch of %s failed (%s); retrying", self._bucket, exc)
                 await asyncio.sleep(0.5)
                 continue

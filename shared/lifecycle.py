@@ -113,6 +113,7 @@ class Service:
             [self.register],
             self.grpc_services,
             max_message_bytes=cfg.max_message_bytes,
+            tracing=cfg.tracing,
         )
         await self.on_start()
         await self.server.start()

@@ -12,8 +12,21 @@ import time
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
-    2.048, 4.096, 8.192,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    2.048,
+    4.096,
+    8.192,
 )
 
 REQUESTS = Counter(
@@ -39,6 +52,11 @@ POLICY_MAX_BATCH = Gauge(
 )
 POLICY_MAX_DELAY = Gauge(
     "infermesh_batch_policy_max_delay_seconds", "Current max queue delay per target.", ["target"]
+)
+POLICY_CHANGES = Counter(
+    "infermesh_batch_policy_changes",
+    "Batch policy changes the controller leader wrote, by target and reason code.",
+    ["target", "reason"],
 )
 TARGET_SLO = Gauge("infermesh_target_slo_seconds", "Latency SLO per target.", ["target"])
 TIER_BYTES = Gauge("infermesh_tier_bytes", "Bytes of vector blocks per tier.", ["worker", "tier"])

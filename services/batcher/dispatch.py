@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 class WorkerPool:
     """Channels to the workers of one service and the items outstanding on each."""
 
-    def __init__(self, members: MemberView, service: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, members: MemberView, service: str, max_message_bytes: int, tracing: bool = True
+    ) -> None:
+        self._tracing = tracing
         self._members = members
         self._service = service
         self._max_bytes = max_message_bytes
@@ -62,7 +65,7 @@ class WorkerPool:
     def _stub(self, endpoint: str) -> inference_worker_pb2_grpc.InferenceWorkerStub:
         stub = self._stubs.get(endpoint)
         if stub is None:
-            ch = rpc.channel(endpoint, self._max_bytes)
+            ch = rpc.channel(endpoint, self._max_bytes, tracing=self._tracing)
             self._channels[endpoint] = ch
             stub = self._stubs[endpoint] = inference_worker_pb2_grpc.InferenceWorkerStub(ch)
         return stub
@@ -109,7 +112,7 @@ class WorkerPool:
                 f"no healthy worker serves {target!r}"
                 + (f" (tried {', '.join(sorted(tried))})" if tried else "")
             )
-        except Exception as exc:  # noqa: BLE001 - every waiting caller gets this error
+        except Exception as exc:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)

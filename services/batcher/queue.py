@@ -3,7 +3,9 @@
 A batch is dispatched when it reaches ``max_batch_size`` or a preferred size, or when the
 oldest request has waited ``max_delay_ms``, and only while a dispatch slot is free: when
 every worker is busy, requests accumulate and the next batch is larger, so batch size
-follows load. Requests whose deadline passed, or whose caller went away, are never run.
+follows load. When no batch of the target is in flight at all, what is queued goes at once
+(an idle worker gains nothing from the wait). Requests whose deadline passed, or whose
+caller went away, are never run.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ class TargetQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def set_policy(self, policy: Policy) -> None:
+        """Apply a new policy to a running queue; it shapes the next batch taken."""
+        self.policy = policy
+        # Wake the loop: a batch waiting on the old delay or size re-checks the new one.
+        self._arrived.set()
+
     def submit(self, item: common_pb2.WorkItem, priority: int, deadline: float) -> Pending:
         """Queue a request; RESOURCE_EXHAUSTED when the queue is at capacity."""
         if len(self._heap) >= self.policy.capacity:
@@ -121,15 +129,20 @@ class TargetQueue:
 
     async def _wait_formed(self) -> None:
         # Wait for a full or preferred batch, at most until the oldest request's delay is up.
-        due = self._first_arrival + self.policy.max_delay_ms / 1000.0
+        # With nothing in flight the worker is idle: waiting would only add latency, so the
+        # batch goes now. Under load batches are in flight, and the delay lets them grow.
+        if self.inflight == 0:
+            return
         while self._heap and not self._ready_size():
+            # Read the policy each pass: set_policy() wakes this wait with a new delay.
+            due = self._first_arrival + self.policy.max_delay_ms / 1000.0
             left = due - time.monotonic()
             if left <= 0:
                 return
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 return
 
     def _take(self) -> list[Pending]:

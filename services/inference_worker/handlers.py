@@ -16,6 +16,7 @@ from services.inference_worker.repository import ModelConfig
 from shared.errors import InfermeshError, NotFound, message_of, status_of
 from shared.events import BATCH_OBSERVED, BatchObserved, Event
 from shared.pb.infermesh.v1 import common_pb2, inference_worker_pb2, inference_worker_pb2_grpc
+from shared.status_codes import code_value
 from shared.tensors import from_numpy, to_numpy
 from shared.validation import check_inputs
 
@@ -144,5 +145,5 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
 
 def _failed(request_id: str, exc: BaseException) -> common_pb2.WorkResult:
     return common_pb2.WorkResult(
-        request_id=request_id, error_code=status_of(exc).value[0], error_message=message_of(exc)
+        request_id=request_id, error_code=code_value(status_of(exc)), error_message=message_of(exc)
     )

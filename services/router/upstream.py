@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 class Batchers:
     """Channels to the batcher replicas in membership; least outstanding first."""
 
-    def __init__(self, members: MemberView, max_message_bytes: int) -> None:
+    def __init__(self, members: MemberView, max_message_bytes: int, tracing: bool = True) -> None:
+        self._tracing = tracing
         self._members = members
         self._max_bytes = max_message_bytes
         self._stubs: dict[str, batcher_pb2_grpc.BatcherStub] = {}
@@ -39,7 +40,7 @@ class Batchers:
     def _stub(self, endpoint: str) -> batcher_pb2_grpc.BatcherStub:
         stub = self._stubs.get(endpoint)
         if stub is None:
-            ch = rpc.channel(endpoint, self._max_bytes)
+            ch = rpc.channel(endpoint, self._max_bytes, tracing=self._tracing)
             self._channels[endpoint] = ch
             stub = self._stubs[endpoint] = batcher_pb2_grpc.BatcherStub(ch)
         return stub

@@ -46,9 +46,7 @@ async def test_tensors_come_back_bit_exact_under_concurrency(nats_server, tmp_pa
         async with AsyncClient(mesh["router"].endpoint) as client:
             await eventually(lambda: ready(client), what="mesh ready")
             arrays = [np.random.default_rng(i).random((1, 16), dtype=np.float32) for i in range(64)]
-            results = await asyncio.gather(
-                *(client.infer("echo", {"INPUT0": a}) for a in arrays)
-            )
+            results = await asyncio.gather(*(client.infer("echo", {"INPUT0": a}) for a in arrays))
     for a, r in zip(arrays, results, strict=True):
         np.testing.assert_array_equal(r.outputs["OUTPUT0"], a)
     # Under concurrency the batcher formed batches larger than one.
@@ -130,7 +128,9 @@ async def test_the_stream_variant_answers_every_request_with_errors_inline(
     async with echo_mesh(nats_server.url, tmp_path) as mesh:
         async with AsyncClient(mesh["router"].endpoint) as client:
             await eventually(lambda: ready(client), what="mesh ready")
-            requests = [build_request("echo", texts=[f"t{i}"], request_id=f"r{i}") for i in range(20)]
+            requests = [
+                build_request("echo", texts=[f"t{i}"], request_id=f"r{i}") for i in range(20)
+            ]
             requests.append(build_request("missing", texts=["x"], request_id="bad"))
 
             async def gen():
@@ -145,9 +145,7 @@ async def test_the_stream_variant_answers_every_request_with_errors_inline(
 
 async def test_services_retry_until_nats_is_reachable(nats_server, tmp_path: Path) -> None:
     nats_server.stop()
-    connecting = asyncio.get_running_loop().create_task(
-        Bus.connect(nats_server.url, name="late")
-    )
+    connecting = asyncio.get_running_loop().create_task(Bus.connect(nats_server.url, name="late"))
     await asyncio.sleep(0.5)
     assert not connecting.done()
     nats_server.start()
@@ -158,7 +156,7 @@ async def test_services_retry_until_nats_is_reachable(nats_server, tmp_path: Pat
 
 async def test_a_bounded_attempt_count_gives_one_clear_error(nats_server, tmp_path: Path) -> None:
     nats_server.stop()
-    with pytest.raises(ConnectionError, match="cannot reach NATS at .* after 2 attempts"):
+    with pytest.raises(ConnectionError, match=r"cannot reach NATS at .* after 2 attempts"):
         await Bus.connect(nats_server.url, name="x", attempts=2)
 
 
@@ -194,9 +192,7 @@ async def test_two_batchers_share_the_load_and_one_can_leave(nats_server, tmp_pa
     async with echo_mesh(nats_server.url, tmp_path) as mesh:
         second = await start_batcher(nats_server.url, tmp_path)
         router = mesh["router"].service
-        await eventually(
-            lambda: _count(router.members, "batcher", 2), what="both batchers visible"
-        )
+        await eventually(lambda: _count(router.members, "batcher", 2), what="both batchers visible")
         async with AsyncClient(mesh["router"].endpoint) as client:
             await eventually(lambda: ready(client), what="mesh ready")
             await asyncio.gather(*(client.infer("echo", texts=[str(i)]) for i in range(40)))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from tests_support import eventually_sync
 
 from services.batcher.queue import Outcome, Pending, Policy, TargetQueue
 from shared.errors import DeadlineExceeded, ResourceExhausted
 from shared.pb.infermesh.v1 import common_pb2
-from tests_support import eventually_sync
 
 INF = float("inf")
 
@@ -21,8 +21,7 @@ class Recorder:
         self.batches: list[list[str]] = []
         self.hold = hold
         self.release = asyncio.Event()
-        if hold == 0:
-            self.release.set()
+        self.release.set()  # tests that need a busy worker clear it
 
     async def __call__(self, target: str, batch: list[Pending]) -> None:
         self.batches.append([p.item.request_id for p in batch])
@@ -52,15 +51,26 @@ async def test_a_full_batch_is_dispatched_without_waiting_for_the_delay() -> Non
     await eventually_sync(lambda: rec.batches == [["0", "1", "2", "3"]])
 
 
-async def test_a_partial_batch_waits_at_most_the_max_delay() -> None:
-    rec = Recorder()
-    q = await run_queue(Policy(max_batch_size=8, max_delay_ms=30), rec)
+async def test_a_partial_batch_waits_at_most_the_max_delay_while_another_runs() -> None:
+    rec = Recorder(hold=0.2)
+    q = await run_queue(Policy(max_batch_size=8, max_delay_ms=30), rec, slots=2)
+    q.submit(item(0), 0, INF)  # idle worker: goes at once, stays in flight for 0.2 s
+    await eventually_sync(lambda: len(rec.batches) == 1)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    futures = [q.submit(item(i), 0, INF).future for i in range(3)]
+    futures = [q.submit(item(i), 0, INF).future for i in range(1, 4)]
+    await eventually_sync(lambda: len(rec.batches) == 2)
+    waited = loop.time() - start
     await asyncio.gather(*futures)
-    assert rec.batches == [["0", "1", "2"]]
-    assert loop.time() - start >= 0.025
+    assert rec.batches[1] == ["1", "2", "3"]
+    assert 0.025 <= waited < 0.15
+
+
+async def test_an_idle_target_dispatches_without_waiting_for_the_delay() -> None:
+    rec = Recorder()
+    q = await run_queue(Policy(max_batch_size=8, max_delay_ms=10_000), rec)
+    q.submit(item(0), 0, INF)
+    await eventually_sync(lambda: rec.batches == [["0"]], timeout=1.0)
 
 
 async def test_a_preferred_size_is_dispatched_at_once() -> None:

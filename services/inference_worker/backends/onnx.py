@@ -88,8 +88,12 @@ class OnnxBackend:
         row = 0
         for p_ids, _ in parts:
             n = p_ids.shape[0]
-            results.append({name: out[row : row + n] for name, out in zip(
-                self.output_names, outputs, strict=True)})
+            results.append(
+                {
+                    name: out[row : row + n]
+                    for name, out in zip(self.output_names, outputs, strict=True)
+                }
+            )
             row += n
         return results
 
