@@ -14,8 +14,10 @@ import time
 import uuid
 
 import grpc
+from opentelemetry.trace import Span, StatusCode
 
 from services.batcher.queue import Outcome, Pending
+from services.batcher.tracing import batch_span
 from shared import rpc
 from shared.errors import DeadlineExceeded, RPCError, Unavailable
 from shared.events import Member
@@ -81,6 +83,20 @@ class WorkerPool:
             queue_ms=queue_ms,
         )
         timeout = max(p.deadline for p in batch) - start
+        with batch_span(target, "model", batch) as span:
+            span.set_attribute("infermesh.batch_id", request.batch_id)
+            await self._run(target, batch, request, start, queue_ms, timeout, span)
+
+    async def _run(
+        self,
+        target: str,
+        batch: list[Pending],
+        request: inference_worker_pb2.ExecuteRequest,
+        start: float,
+        queue_ms: float,
+        timeout: float,
+        span: Span,
+    ) -> None:
         tried: set[str] = set()
         try:
             for _attempt in range(2):
@@ -89,6 +105,7 @@ class WorkerPool:
                     break
                 endpoint = member.endpoint
                 tried.add(endpoint)
+                span.set_attribute("infermesh.worker", endpoint)
                 self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(batch)
                 try:
                     reply = await self._stub(endpoint).Execute(request, timeout=max(timeout, 0.001))

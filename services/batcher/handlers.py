@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.batcher.queue import Outcome, TargetQueue
+from services.batcher.tracing import record_queue_wait
 from shared.errors import DeadlineExceeded, InfermeshError, InvalidArgument, message_of, status_of
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 from shared.status_codes import code_value, error_from
@@ -53,10 +54,11 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         pending = queue.submit(request.item, request.priority, time.monotonic() + timeout)
         try:
             outcome: Outcome = await asyncio.wait_for(pending.future, timeout=timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise DeadlineExceeded(
                 f"deadline of {timeout * 1e3:.0f} ms passed waiting for {request.target!r}"
             ) from None
+        record_queue_wait(pending, request.target, outcome.batch_size)
         result = outcome.result
         if result.error_code:
             raise error_from(result.error_code, result.error_message)
@@ -87,7 +89,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
                 reply = await self._submit(req, None)
             except InfermeshError as exc:
                 reply = _error_reply(req.item.request_id, exc)
-            except Exception as exc:  # noqa: BLE001 - one request's failure is answered inline
+            except Exception as exc:
                 log.exception("submit failed")
                 reply = _error_reply(req.item.request_id, exc)
             await out.put(reply)

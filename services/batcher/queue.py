@@ -17,6 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanContext
+
+from services.batcher.tracing import current_context
 from shared import metrics
 from shared.errors import DeadlineExceeded, ResourceExhausted
 from shared.pb.infermesh.v1 import common_pb2
@@ -41,6 +44,8 @@ class Pending:
     future: asyncio.Future[Outcome] = field(compare=False)
     enqueued: float = field(compare=False)
     deadline: float = field(compare=False)  # time.monotonic(); inf = none
+    span_context: SpanContext | None = field(default=None, compare=False)
+    dispatched: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class TargetQueue:
             future=asyncio.get_running_loop().create_future(),
             enqueued=now,
             deadline=deadline,
+            span_context=current_context(),
         )
         heapq.heappush(self._heap, pending)
         metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
@@ -159,6 +165,7 @@ class TargetQueue:
                                      f"in the queue for {self.target!r}")
                 )
                 continue
+            p.dispatched = now
             batch.append(p)
         self._first_arrival = min((p.enqueued for p in self._heap), default=now)
         metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
