@@ -1,0 +1,233 @@
+"""The batch-sizing control laws: pure functions from a window of observations to a policy.
+
+What the SLO bounds: a request's latency at the batcher, queue wait + batch execution, which
+is what a user feels minus the router hop. Workers report each batch (``BatchObserved``) with
+the batch's mean queue wait and its execution time, so every request of a batch is counted
+as ``queue_ms + exec_ms``, weighted by batch size; the oldest request of a batch waited a
+little longer than the mean, and the router hop adds ~1 ms, which is why the laws aim below
+the SLO (``Tuning.headroom``).
+
+Two laws, compared in ``bench/batching.py``:
+
+- ``aimd``: Clipper's additive-increase / multiplicative-decrease on the cap, increased
+  only while batches actually reach the cap (otherwise the cap would drift to the model's
+  maximum at low load and the first burst would form a batch nobody has measured).
+- ``fitted`` (the default): fit ``exec_ms ≈ a + b·n`` over recent batches, and choose the
+  largest cap n whose worst case under saturation fits the target. With every dispatch slot
+  busy a request waits for one running batch to finish and then runs in the next, so the
+  worst case is ``delay + 2·exec_p99(n)``. The rest of the budget becomes max_delay (capped
+  at a tenth of the SLO). The cap never exceeds twice the largest batch measured, so the
+  fit is never trusted far beyond its data and the cap grows by doubling. A multiplicative
+  correction on the target closes the loop when the model is wrong (p99 over SLO while the
+  queue is not building); when the queue *is* building (arrivals above capacity), smaller
+  batches would cut throughput and make it worse, so the law holds the largest cap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One executed batch as the controller received it."""
+
+    size: int
+    queue_ms: float
+    exec_ms: float
+    at: float  # controller's time.monotonic() on receipt
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the model spec fixes: the SLO and the largest batch the model accepts."""
+
+    slo_ms: float
+    model_max_batch: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of both laws (defaults are what the benchmark measured)."""
+
+    headroom: float = 0.8
+    """Aim the worst case at this share of the SLO."""
+    min_batches: int = 8
+    """Observations needed before a decision."""
+    aimd_step: int = 2
+    """Additive increase per decision (AIMD)."""
+    aimd_backoff: float = 0.5
+    """Multiplicative decrease on violation (AIMD)."""
+    max_delay_share: float = 0.1
+    """max_delay never exceeds this share of the SLO."""
+    min_correction: float = 0.3
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A window of observations, summarized."""
+
+    batches: int
+    items: int
+    p99_ms: float
+    """Per-request latency at the batcher (queue + exec), weighted by batch size."""
+    exec_p99_ms: float
+    queue_p99_ms: float
+    max_size: int
+
+
+@dataclass(frozen=True)
+class Fit:
+    """exec_ms ≈ a + b·n, plus the p99 of what the line misses."""
+
+    a: float
+    b: float
+    resid_p99: float
+    max_size: int = 1
+    """Largest batch the fit has seen."""
+
+    def exec_p99(self, n: int) -> float:
+        return self.a + self.b * n + self.resid_p99
+
+    def largest(self, budget_ms: float, cap: int) -> int:
+        """Largest n in [1, cap] with exec_p99(n) <= budget_ms (1 if none fits)."""
+        if self.b <= 0:
+            return cap
+        n = math.floor((budget_ms - self.a - self.resid_p99) / self.b + 1e-9)
+        return max(1, min(cap, n))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy the law wants, and why ("<code>: <detail>")."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    reason: str
+    correction: float = 1.0
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
+    """The q-quantile of values where each counts weight times (0 for an empty sequence)."""
+    if not values:
+        return 0.0
+    pairs = sorted(zip(values, weights, strict=True))
+    total = sum(w for _, w in pairs)
+    acc = 0.0
+    for value, weight in pairs:
+        acc += weight
+        if acc >= q * total:
+            return value
+    return pairs[-1][0]
+
+
+def summarize(obs: Sequence[Observation]) -> Stats:
+    """p99 per request (a batch of n counts n times), exec and queue p99 per batch."""
+    if not obs:
+        return Stats(0, 0, 0.0, 0.0, 0.0, 0)
+    sizes = [float(o.size) for o in obs]
+    ones = [1.0] * len(obs)
+    return Stats(
+        batches=len(obs),
+        items=sum(o.size for o in obs),
+        p99_ms=weighted_quantile([o.queue_ms + o.exec_ms for o in obs], sizes, 0.99),
+        exec_p99_ms=weighted_quantile([o.exec_ms for o in obs], ones, 0.99),
+        queue_p99_ms=weighted_quantile([o.queue_ms for o in obs], sizes, 0.99),
+        max_size=max(o.size for o in obs),
+    )
+
+
+def fit(obs: Sequence[Observation]) -> Fit | None:
+    """Least-squares exec_ms = a + b·n; with one batch size seen, half fixed, half per item."""
+    if not obs:
+        return None
+    n = len(obs)
+    mx = sum(o.size for o in obs) / n
+    my = sum(o.exec_ms for o in obs) / n
+    sxx = sum((o.size - mx) ** 2 for o in obs)
+    if sxx < 1e-9:
+        # One size seen: nothing tells fixed from per-item cost. Half and half is a guess
+        # that lets the cap grow; the doubling limit and the SLO feedback bound the risk.
+        a, b = my / 2, my / 2 / mx
+    else:
+        b = sum((o.size - mx) * (o.exec_ms - my) for o in obs) / sxx
+        a = my - b * mx
+        if b <= 0:  # noise on a flat curve: no evidence that size costs anything
+            a, b = 0.0, max(my, 1e-3) / max(mx, 1.0)
+        a = max(a, 0.0)
+    resid = [max(0.0, o.exec_ms - (a + b * o.size)) for o in obs]
+    return Fit(
+        a=a,
+        b=b,
+        resid_p99=weighted_quantile(resid, [1.0] * n, 0.99),
+        max_size=max(o.size for o in obs),
+    )
+
+
+def aimd(
+    max_batch: int, max_delay_ms: float, stats: Stats, limits: Limits, tuning: Tuning = Tuning()
+) -> Decision | None:
+    """Clipper's AIMD on the cap; None when there is too little evidence or nothing to do."""
+    if stats.batches < tuning.min_batches:
+        return None
+    slo = limits.slo_ms
+    if stats.p99_ms > slo:
+        new = max(1, math.floor(max_batch * tuning.aimd_backoff))
+        delay = round(max_delay_ms * tuning.aimd_backoff, 3)
+        if new == max_batch and delay == max_delay_ms:
+            return None
+        return Decision(new, delay, f"decrease: p99 {stats.p99_ms:.1f} ms > SLO {slo:g} ms")
+    binding = stats.max_size >= max_batch
+    if stats.p99_ms < slo * tuning.headroom and binding and max_batch < limits.model_max_batch:
+        new = min(limits.model_max_batch, max_batch + tuning.aimd_step)
+        delay = min(slo * tuning.max_delay_share, max(max_delay_ms, 0.5) + 0.5)
+        return Decision(
+            new, round(delay, 3), f"increase: p99 {stats.p99_ms:.1f} ms < {tuning.headroom:g}·SLO"
+        )
+    return None
+
+
+def fitted(
+    max_batch: int,
+    max_delay_ms: float,
+    stats: Stats,
+    line: Fit | None,
+    limits: Limits,
+    correction: float = 1.0,
+    tuning: Tuning = Tuning(),
+) -> Decision | None:
+    """Largest cap whose predicted worst case fits the target; None when nothing changes."""
+    if stats.batches < tuning.min_batches or line is None:
+        return None
+    slo = limits.slo_ms
+    # Queueing beyond one running batch means arrivals exceed capacity: smaller batches
+    # would only lower capacity, so a violation then is not a reason to shrink the target.
+    building = stats.queue_p99_ms > 2.0 * stats.exec_p99_ms + max_delay_ms
+    code = "fit"
+    if stats.p99_ms > slo and not building:
+        correction = max(tuning.min_correction, correction * 0.8)
+        code = "violation"
+    elif stats.p99_ms < 0.6 * slo and correction < 1.0:
+        correction = min(1.0, correction * 1.05)
+    target = slo * tuning.headroom * correction
+    n = line.largest(target / 2.0, min(limits.model_max_batch, 2 * line.max_size))
+    slack = target - 2.0 * line.exec_p99(n)
+    delay = round(max(0.0, min(slack, slo * tuning.max_delay_share)), 2)
+    # Hysteresis: noise in the fit must not rewrite the policy every tick.
+    small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
+    small_d = abs(delay - max_delay_ms) < max(0.5, 0.2 * max_delay_ms)
+    if small_n and small_d:
+        return Decision(max_batch, max_delay_ms, "hold", correction)
+    detail = (
+        f"exec ≈ {line.a:.1f} + {line.b:.2f}·n ms, p99 {stats.p99_ms:.1f} ms, "
+        f"target {target:.1f} ms"
+    )
+    if code == "fit":
+        code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
+    return Decision(n, delay, f"{code}: {detail}", correction)

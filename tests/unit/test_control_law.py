@@ -1,0 +1,141 @@
+"""The batch-sizing control laws over synthetic observations (no network, no clock)."""
+
+from __future__ import annotations
+
+import random
+
+from services.batcher import control_law as law
+
+SLO = 100.0
+A, B = 20.0, 0.5  # synthetic cost: exec_ms = 20 + 0.5·n
+
+
+def saturated(max_batch: int, delay_ms: float, count: int = 40, seed: int = 0,
+              a: float = A, b: float = B) -> list[law.Observation]:
+    """Batches of a loaded target: full, each waiting for one running batch to finish."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        exec_ms = (a + b * max_batch) * rng.uniform(0.97, 1.03)
+        out.append(law.Observation(max_batch, exec_ms + delay_ms / 2, exec_ms, float(i)))
+    return out
+
+
+def mixed(sizes: list[int], queue_ms: float = 1.0) -> list[law.Observation]:
+    return [law.Observation(n, queue_ms, A + B * n, float(i)) for i, n in enumerate(sizes)]
+
+
+def latency(max_batch: int, delay_ms: float) -> float:
+    return delay_ms + 2 * (A + B * max_batch)
+
+
+def test_the_p99_counts_each_request_of_a_batch_not_each_batch() -> None:
+    obs = [law.Observation(1, 0.0, 500.0, 0.0), law.Observation(99, 0.0, 10.0, 1.0)]
+    stats = law.summarize(obs)
+    # One slow batch of one request is 1% of requests: the p99 request is in the big batch.
+    assert stats.p99_ms == 10.0
+    assert stats.items == 100 and stats.max_size == 99
+
+
+def test_the_fit_recovers_a_linear_cost_curve() -> None:
+    line = law.fit(mixed([1, 4, 8, 16, 32, 2, 6]))
+    assert line is not None
+    assert abs(line.a - A) < 1e-6 and abs(line.b - B) < 1e-6
+    assert line.largest(40.0, 1000) == 40
+
+
+def test_aimd_increases_the_cap_while_p99_is_under_the_slo_and_batches_fill_it() -> None:
+    stats = law.summarize(saturated(8, 1.0))
+    d = law.aimd(8, 1.0, stats, law.Limits(SLO, 128))
+    assert d is not None and d.max_batch_size == 10 and d.code == "increase"
+
+
+def test_aimd_does_not_raise_a_cap_that_batches_never_reach() -> None:
+    stats = law.summarize(mixed([1, 2, 3] * 10))
+    assert law.aimd(8, 1.0, stats, law.Limits(SLO, 128)) is None
+
+
+def test_aimd_halves_the_cap_on_a_violation() -> None:
+    stats = law.summarize(saturated(120, 4.0))
+    assert stats.p99_ms > SLO
+    d = law.aimd(120, 4.0, stats, law.Limits(SLO, 128))
+    assert d is not None and d.max_batch_size == 60 and d.code == "decrease"
+    assert d.max_delay_ms == 2.0
+
+
+def test_aimd_never_exceeds_the_model_max_batch_size() -> None:
+    stats = law.summarize(saturated(15, 1.0))
+    d = law.aimd(15, 1.0, stats, law.Limits(SLO, 16))
+    assert d is not None and d.max_batch_size == 16
+    assert law.aimd(16, 1.0, law.summarize(saturated(16, 1.0)), law.Limits(SLO, 16)) is None
+
+
+def test_no_law_decides_on_too_few_observations() -> None:
+    few = saturated(8, 1.0, count=3)
+    limits = law.Limits(SLO, 128)
+    assert law.aimd(8, 1.0, law.summarize(few), limits) is None
+    assert law.fitted(8, 1.0, law.summarize(few), law.fit(few), limits) is None
+
+
+def test_the_fitted_law_picks_the_largest_cap_whose_worst_case_fits_the_target() -> None:
+    obs = mixed([1, 2, 4, 8, 3, 5, 6, 32, 2, 1])
+    d = law.fitted(8, 1.0, law.summarize(obs), law.fit(obs), law.Limits(SLO, 128))
+    assert d is not None and d.code == "increase"
+    # target = 0.8·SLO = 80 ms = 2·(20 + 0.5·n)  ->  n = 40
+    assert d.max_batch_size == 40
+    assert latency(d.max_batch_size, d.max_delay_ms) <= 0.8 * SLO + 1e-9
+
+
+def test_the_fitted_law_grows_the_cap_at_most_to_twice_the_largest_batch_measured() -> None:
+    obs = mixed([1, 2, 4, 8, 3, 5, 6, 7, 2, 1])
+    d = law.fitted(8, 1.0, law.summarize(obs), law.fit(obs), law.Limits(SLO, 128))
+    assert d is not None and d.max_batch_size == 16
+
+
+def test_the_fitted_law_respects_the_model_max_batch_size() -> None:
+    obs = mixed([1, 2, 4, 8] * 3)
+    d = law.fitted(8, 1.0, law.summarize(obs), law.fit(obs), law.Limits(SLO, 16))
+    assert d is not None and d.max_batch_size == 16
+    assert d.max_delay_ms <= 0.1 * SLO
+
+
+def test_the_fitted_law_backs_off_when_the_model_underestimates() -> None:
+    # Observed latency is over the SLO although the queue is not building: trust the data.
+    obs = [law.Observation(40, 30.0, 75.0, float(i)) for i in range(20)]
+    stats = law.summarize(obs)
+    d = law.fitted(40, 1.0, stats, law.fit(mixed([1, 2, 4, 8, 16])), law.Limits(SLO, 128))
+    assert d is not None and d.code == "violation"
+    assert d.max_batch_size < 40 and d.correction < 1.0
+
+
+def test_the_fitted_law_keeps_capacity_when_arrivals_exceed_it() -> None:
+    # A queue far longer than two batches is overload: shrinking batches would worsen it.
+    obs = [law.Observation(40, 400.0, 40.0, float(i)) for i in range(20)]
+    d = law.fitted(40, 1.0, law.summarize(obs), law.fit(mixed([1, 2, 4, 8, 40])),
+                   law.Limits(SLO, 128))
+    assert d is not None and d.correction == 1.0 and d.max_batch_size == 40
+
+
+def test_both_laws_converge_under_a_saturating_load() -> None:
+    limits = law.Limits(SLO, 128)
+    history: list[law.Observation] = []
+    mb, delay, corr = 1, 1.0, 1.0
+    for step in range(30):
+        obs = saturated(mb, delay, seed=step)
+        history = (history + obs)[-200:]
+        d = law.fitted(mb, delay, law.summarize(obs), law.fit(history), limits, corr)
+        if d is not None:
+            mb, delay, corr = d.max_batch_size, d.max_delay_ms, d.correction
+    assert 30 <= mb <= 40  # the optimum is 40 with exact costs; noise costs a little
+    assert latency(mb, delay) <= SLO
+
+    caps = []
+    mb, delay = 1, 1.0
+    for step in range(120):
+        obs = saturated(mb, delay, seed=step)
+        d = law.aimd(mb, delay, law.summarize(obs), limits)
+        if d is not None:
+            mb, delay = d.max_batch_size, d.max_delay_ms
+        caps.append(mb)
+    # AIMD saws between half the largest safe cap (latency ≤ SLO: n ≤ 60) and just above it.
+    assert 25 <= min(caps[-40:]) and max(caps[-40:]) <= 64
