@@ -11,6 +11,7 @@ from services.inference_worker.backends.factory import make_backend
 from services.inference_worker.config import WorkerConfig
 from services.inference_worker.handlers import InferenceWorkerServicer, Model
 from services.inference_worker.repository import load_repository
+from shared import gpu
 from shared.events import MODELS_BUCKET, Event
 from shared.lifecycle import Service
 from shared.pb.infermesh.v1 import inference_worker_pb2, inference_worker_pb2_grpc
@@ -51,6 +52,7 @@ class InferenceWorker(Service):
 
         for model in self.models.values():
             await kv.put(model.spec.name, encode(model.spec))
+        self.spawn(gpu.sample_loop())
 
     async def on_stop(self) -> None:
         for model in self.models.values():
