@@ -11,6 +11,7 @@ import msgspec
 # Subjects and buckets (DESIGN.md's control-path table).
 MEMBERS_BUCKET = "infermesh_members"
 POLICY_BUCKET = "infermesh_batch_policy"
+LEASES_BUCKET = "infermesh_leases"
 PLACEMENT_BUCKET = "infermesh_placement"
 BATCH_OBSERVED = "infermesh.batch.observed"  # .<target>
 TIERING_ACCESS = "infermesh.tiering.access"  # .<worker>
@@ -38,6 +39,8 @@ class Member(Event, frozen=True, kw_only=True, tag="member"):
     metrics_port: int = 0
     started_unix: float = 0.0
     heartbeat_unix: float = 0.0
+    blocks: dict[str, tuple[int, ...]] = msgspec.field(default_factory=dict)
+    """Retrieval workers: collection -> blocks this instance can search (the batcher's cover)."""
 
 
 class BatchObserved(Event, frozen=True, kw_only=True, tag="batch_observed"):
@@ -60,13 +63,28 @@ class BatchPolicy(Event, frozen=True, kw_only=True, tag="batch_policy"):
     preferred_sizes: tuple[int, ...] = ()
     slo_ms: float = 0.0
     reason: str = ""
+    """Why it last changed: "<code>: <detail>" (code = initial|increase|decrease|fit|...)."""
     revision: int = 0
+    """Counts changes of max_batch_size/max_delay_ms; refreshes of p99_ms keep it."""
     updated_unix: float = 0.0
+    p99_ms: float = 0.0
+    """p99 latency at the batcher (queue wait + exec) the controller last saw."""
+    leader: str = ""
+    """The controller instance that wrote it."""
+
+
+class Lease(Event, frozen=True, kw_only=True, tag="lease"):
+    """Who holds a leadership lease (KV ``infermesh_leases``) and until when."""
+
+    holder: str
+    expires_unix: float
+    acquired_unix: float = 0.0
 
 
 member_decoder = msgspec.msgpack.Decoder(Member)
 batch_observed_decoder = msgspec.msgpack.Decoder(BatchObserved)
 batch_policy_decoder = msgspec.msgpack.Decoder(BatchPolicy)
+lease_decoder = msgspec.msgpack.Decoder(Lease)
 encoder = msgspec.msgpack.Encoder()
 
 
@@ -118,3 +136,73 @@ class BlockPlaced(Event, frozen=True, kw_only=True, tag="block_placed"):
 
 
 block_placed_decoder = msgspec.msgpack.Decoder(BlockPlaced)
+
+
+class BlockAccess(Event, frozen=True, kw_only=True, tag="block_access"):
+    """A retrieval worker's block reads since its last report, with what tiering must know.
+
+    Published every few seconds on ``infermesh.tiering.access.<worker>``; small: one entry
+    per block read in the period (plus sizes and tiers of every block it holds).
+    """
+
+    worker: str
+    collection: str
+    reads: dict[int, int] = msgspec.field(default_factory=dict)
+    """block -> reads since the last report."""
+    block_bytes: dict[int, int] = msgspec.field(default_factory=dict)
+    """block -> bytes it takes in RAM/GPU (every block the worker holds)."""
+    tiers: dict[int, str] = msgspec.field(default_factory=dict)
+    """block -> tier it is in now."""
+    hot_budget: int = 0
+    """Bytes of GPU memory the worker gives to hot blocks (0 = no GPU tier)."""
+    warm_budget: int = 0
+    """Bytes of RAM the worker gives to warm blocks."""
+    period_s: float = 0.0
+    at_unix: float = 0.0
+
+
+class TierMove(Event, frozen=True, kw_only=True, tag="tier_move"):
+    """Tiering asks a worker to move a block (``infermesh.tiering.move.<worker>``)."""
+
+    collection: str
+    block: int
+    tier: str
+    revision: int = 0
+
+
+class TierMoved(Event, frozen=True, kw_only=True, tag="tier_moved"):
+    """A worker confirms a move (``infermesh.tiering.moved.<worker>``), or says why not."""
+
+    worker: str
+    collection: str
+    block: int
+    tier: str
+    revision: int = 0
+    ok: bool = True
+    error: str = ""
+    seconds: float = 0.0
+
+
+block_access_decoder = msgspec.msgpack.Decoder(BlockAccess)
+tier_move_decoder = msgspec.msgpack.Decoder(TierMove)
+tier_moved_decoder = msgspec.msgpack.Decoder(TierMoved)
+
+
+TIER_STATUS_BUCKET = "infermesh_tier_status"
+
+
+class TierStatus(Event, frozen=True, kw_only=True, tag="tier_status"):
+    """Per-worker tier summary the tiering service keeps for ``infermesh status``."""
+
+    worker: str
+    tier_bytes: dict[str, int] = msgspec.field(default_factory=dict)
+    """tier -> bytes of blocks in it."""
+    hit_share: dict[str, float] = msgspec.field(default_factory=dict)
+    """tier -> share of recent block reads served from it."""
+    recent_moves: tuple[str, ...] = ()
+    """Last moves, newest first ("collection/block cold->warm 0.12s")."""
+    gpu: bool = False
+    updated_unix: float = 0.0
+
+
+tier_status_decoder = msgspec.msgpack.Decoder(TierStatus)
