@@ -10,9 +10,11 @@ from services.batcher.config import BatcherConfig
 from services.batcher.dispatch import WorkerPool
 from services.batcher.handlers import BatcherServicer, Queues
 from services.batcher.queue import Policy, TargetQueue
+from services.batcher.scatter import Scatter
 from shared import metrics
 from shared.errors import NotFound, Unavailable
 from shared.events import MODELS_BUCKET, ModelSpec, model_spec_decoder
+from shared.ingestlog import COLLECTIONS_BUCKET, CollectionDeclared, declared_decoder
 from shared.kvview import KVView
 from shared.lifecycle import Service
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc
@@ -33,6 +35,8 @@ class Batcher(Service, Queues):
         self.queues: dict[str, TargetQueue] = {}
         self.models: KVView[ModelSpec] | None = None
         self.pool: WorkerPool | None = None
+        self.collections: KVView[CollectionDeclared] | None = None
+        self.scatter: Scatter | None = None
         self.servicer = BatcherServicer(self)
 
     def watches_members(self) -> bool:
@@ -44,6 +48,9 @@ class Batcher(Service, Queues):
     async def on_start(self) -> None:
         assert self.bus is not None and self.members is not None
         self.models = KVView(self.bus, MODELS_BUCKET, model_spec_decoder)
+        self.collections = KVView(self.bus, COLLECTIONS_BUCKET, declared_decoder)
+        self.scatter = Scatter(self.members, self.collections, self.cfg.max_message_bytes)
+        self.spawn(self.collections.run())
         self.pool = WorkerPool(self.members, "inference-worker", self.cfg.max_message_bytes)
         self.spawn(self.models.run())
 
@@ -52,6 +59,8 @@ class Batcher(Service, Queues):
             q.fail_all(Unavailable("batcher is shutting down"))
         if self.pool is not None:
             await self.pool.close()
+        if self.scatter is not None:
+            await self.scatter.close()
 
     def _policy(self, spec: ModelSpec) -> Policy:
         return Policy(
@@ -65,6 +74,8 @@ class Batcher(Service, Queues):
         queue = self.queues.get(target)
         if queue is not None:
             return queue
+        if kind == batcher_pb2.TARGET_KIND_COLLECTION:
+            return self._collection_queue(target)
         assert self.models is not None and self.pool is not None
         spec = self.models.values.get(target)
         if spec is None:
@@ -81,6 +92,32 @@ class Batcher(Service, Queues):
         metrics.POLICY_MAX_BATCH.labels(target).set(spec.max_batch_size)
         metrics.POLICY_MAX_DELAY.labels(target).set(spec.max_delay_ms / 1000.0)
         metrics.TARGET_SLO.labels(target).set(spec.slo_ms / 1000.0)
+        self.spawn(queue.run())
+        return queue
+
+    def _collection_queue(self, target: str) -> TargetQueue:
+        """A queue of search requests for a collection; each batch is one scatter/gather."""
+        assert self.collections is not None and self.scatter is not None
+        if target not in self.collections.values:
+            known = ", ".join(sorted(self.collections.values)) or "none"
+            raise NotFound(f"unknown collection {target!r} (collections: {known})")
+        scatter = self.scatter
+        cfg = self.cfg
+        policy = Policy(
+            max_batch_size=cfg.search_max_batch_size,
+            max_delay_ms=cfg.search_max_delay_ms,
+            capacity=cfg.default_capacity,
+        )
+        queue = TargetQueue(
+            target,
+            policy,
+            scatter.execute,
+            # Each batch occupies every covering worker once: slots per batch, not per worker.
+            lambda: cfg.inflight_per_worker,
+        )
+        self.queues[target] = queue
+        metrics.POLICY_MAX_BATCH.labels(target).set(policy.max_batch_size)
+        metrics.POLICY_MAX_DELAY.labels(target).set(policy.max_delay_ms / 1000.0)
         self.spawn(queue.run())
         return queue
 

@@ -11,3 +11,17 @@ class RetrievalConfig(CommonConfig, frozen=True, kw_only=True):
     grpc_port: int = 50053
     collections_dir: str = ""
     """Where collections live; empty = <data_dir>/collections."""
+    default_nprobe: int = 32
+    """Lists probed when a search sets nprobe 0 (capped at the collection's nlist)."""
+    max_k: int = 1024
+    """Largest k a search may ask for."""
+    max_queries: int = 65_536
+    """Most query vectors in one Search."""
+    ingest_fetch: int = 64
+    """Stream messages fetched per pull."""
+    flush_rows: int = 100_000
+    """Flush once this many ingested rows are pending (besides on idle and on the interval)."""
+    flush_interval_s: float = 1.0
+    """Longest time an applied message waits for its flush (how stale searches may be)."""
+    blas_threads: int = 1
+    """numpy's OpenBLAS threads (the engine spreads list scans over its own threads); 0 = as is."""

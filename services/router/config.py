@@ -13,3 +13,11 @@ class RouterConfig(CommonConfig, frozen=True, kw_only=True):
     """End-to-end deadline for requests that set none."""
     max_tensor_elements: int = 1 << 24
     """Largest tensor (elements) a request may carry."""
+    pipelines: str = "search=minilm-l6"
+    """Search pipelines, ``name=embedding model`` comma separated: text -> embed -> retrieve."""
+    embed_model: str = "minilm-l6"
+    """Model that embeds texts sent to Collections.Upsert without vectors."""
+    embed_chunk: int = 32
+    """Texts per embedding request when ingesting (the batcher batches these chunks)."""
+    max_k: int = 1024
+    """Largest k a search may ask for."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
+from services.router.pipelines import Pipelines
 from services.router.upstream import Batchers
 from shared.errors import (
     InfermeshError,
@@ -46,11 +47,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         batchers: Batchers,
         default_timeout_s: float,
         max_tensor_elements: int,
+        pipelines: Pipelines | None = None,
     ) -> None:
         self._models = models
         self._batchers = batchers
         self._default_timeout = default_timeout_s
         self._max_elements = max_tensor_elements
+        self._pipelines = pipelines
 
     def _spec(self, name: str) -> ModelSpec:
         spec = self._models.values.get(name)
@@ -86,7 +89,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if bool(request.model) == bool(request.pipeline):
             raise InvalidArgument("set exactly one of model or pipeline")
         if request.pipeline:
-            raise NotFound(f"unknown pipeline {request.pipeline!r} (configured: none)")
+            if self._pipelines is None:
+                raise NotFound(f"unknown pipeline {request.pipeline!r} (configured: none)")
+            return await self._pipelines.run(
+                request, request_id, self._timeout(request, remaining)
+            )
         spec = self._spec(request.model)
         inputs = {t.name: to_numpy(t, self._max_elements) for t in request.inputs}
         if len(inputs) != len(request.inputs):
@@ -169,7 +176,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListTargets(
         self, request: router_pb2.ListTargetsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListTargetsResponse:
-        return router_pb2.ListTargetsResponse(models=sorted(self._models.values))
+        return router_pb2.ListTargetsResponse(
+            models=sorted(self._models.values),
+            pipelines=self._pipelines.names() if self._pipelines else [],
+            collections=sorted(self._pipelines.collections.values) if self._pipelines else [],
+        )
 
 
 def _error_response(request_id: str, exc: BaseException) -> router_pb2.InferResponse:

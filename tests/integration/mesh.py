@@ -12,6 +12,8 @@ from services.batcher.app import Batcher
 from services.batcher.config import BatcherConfig
 from services.inference_worker.app import InferenceWorker
 from services.inference_worker.config import WorkerConfig
+from services.retrieval_worker.app import RetrievalWorker
+from services.retrieval_worker.config import RetrievalConfig
 from services.router.app import Router
 from services.router.config import RouterConfig
 from shared.config import from_env
@@ -60,6 +62,12 @@ class Running:
 
 async def start_worker(nats_url: str, tmp: Path, **extra: Any) -> Running:
     return await Running(InferenceWorker(from_env(WorkerConfig, common(nats_url, tmp, **extra)))).start()
+
+
+async def start_retrieval(nats_url: str, tmp: Path, **extra: Any) -> Running:
+    """A retrieval worker whose collections live under tmp/collections (pass instance=...)."""
+    cfg = from_env(RetrievalConfig, common(nats_url, tmp, **extra))
+    return await Running(RetrievalWorker(cfg)).start()
 
 
 async def start_batcher(nats_url: str, tmp: Path, **extra: Any) -> Running:

@@ -40,18 +40,20 @@ class SearchResponse(_message.Message):
     def __init__(self, scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("name", "dim", "metric", "nlist", "storage_dtype")
+    __slots__ = ("name", "dim", "metric", "nlist", "storage_dtype", "lists_per_block")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     NLIST_FIELD_NUMBER: _ClassVar[int]
     STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LISTS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
     nlist: int
     storage_dtype: str
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., nlist: _Optional[int] = ..., storage_dtype: _Optional[str] = ...) -> None: ...
+    lists_per_block: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., nlist: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., lists_per_block: _Optional[int] = ...) -> None: ...
 
 class DropCollectionRequest(_message.Message):
     __slots__ = ("name",)
@@ -70,7 +72,7 @@ class DescribeCollectionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "dim", "metric", "nlist", "storage_dtype", "count", "blocks", "last_applied_seq", "tier_bytes")
+    __slots__ = ("name", "dim", "metric", "nlist", "storage_dtype", "count", "blocks", "last_applied_seq", "tier_bytes", "trained", "lists_per_block", "workers")
     class TierBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,9 @@ class CollectionInfo(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAST_APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    LISTS_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
@@ -96,4 +101,7 @@ class CollectionInfo(_message.Message):
     blocks: int
     last_applied_seq: int
     tier_bytes: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., nlist: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., count: _Optional[int] = ..., blocks: _Optional[int] = ..., last_applied_seq: _Optional[int] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    trained: bool
+    lists_per_block: int
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., nlist: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., count: _Optional[int] = ..., blocks: _Optional[int] = ..., last_applied_seq: _Optional[int] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ..., trained: _Optional[bool] = ..., lists_per_block: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
