@@ -29,14 +29,17 @@ model: $(STAMP)
 up: model
 	$(BIN)/infermesh up
 
-# Optional system tools for the deploy checks (promtool, docker-compose): installed from
-# Debian only when running as root (CI); otherwise those tests skip and say why.
+# Optional system tools for some checks (promtool and docker-compose for deploy/, chromium
+# for the console page): installed from Debian only when running as root (CI); otherwise
+# those tests skip and say why.
 deploy-tools:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  command -v promtool >/dev/null && command -v docker-compose >/dev/null \
+	    && command -v chromium >/dev/null || { \
 	    apt-get update -qq >/dev/null 2>&1; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      prometheus docker-compose >/dev/null 2>&1 || echo "note: promtool/docker-compose not installed"; }; \
+	      prometheus docker-compose chromium >/dev/null 2>&1 \
+	      || echo "note: promtool/docker-compose/chromium not installed; their tests skip"; }; \
 	fi
 
 test: model deploy-tools

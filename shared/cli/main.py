@@ -225,6 +225,51 @@ def status(
                 s.name, s.backend, str(s.max_batch_size), f"{s.max_delay_ms:g}", f"{s.slo_ms:g}"
             )
         console.print(table)
+    if snapshot.policies:
+        table = Table(title="batch policies (controller)")
+        for col in ("target", "max batch", "max delay ms", "SLO ms", "p99 seen ms", "revision",
+                    "age s", "why"):
+            table.add_column(col)
+        for p in snapshot.policies:
+            table.add_row(
+                p.target, str(p.max_batch_size), f"{p.max_delay_ms:g}", f"{p.slo_ms:g}",
+                f"{p.p99_ms:.1f}" if p.p99_ms else "-", str(p.revision),
+                f"{snapshot.now - p.updated_unix:.1f}", p.reason,
+            )
+        console.print(table)
+    if snapshot.tiers:
+        table = Table(title="vector block tiers (retrieval workers)")
+        for col in ("worker", "GPU tier", "hot MB", "warm MB", "cold MB", "reads hot/warm/cold",
+                    "recent moves"):
+            table.add_column(col)
+        for t in snapshot.tiers:
+            mb = {k: f"{v / 1e6:.1f}" for k, v in t.tier_bytes.items()}
+            share = "/".join(f"{t.hit_share.get(k, 0.0):.0%}" for k in ("hot", "warm", "cold"))
+            table.add_row(
+                t.worker, "yes" if t.gpu else "none (2 tiers)", mb.get("hot", "0"),
+                mb.get("warm", "0"), mb.get("cold", "0"), share, "; ".join(t.recent_moves[:3]),
+            )
+        console.print(table)
+
+
+@app.command("console")
+def console_cmd(
+    port: Annotated[int, typer.Option(help="HTTP port of the page.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    nats_url: Annotated[str, typer.Option("--nats", help="NATS URL; default: the local mesh.")] = "",
+    data_dir: DataDir = Path(".infermesh"),
+) -> None:
+    """Serve a live web page of the mesh: members, latency, batch policies, block tiers."""
+    from shared.cli.console import serve as serve_console
+
+    url = nats_url or _nats_default(data_dir)
+    console.print(f"console on http://{host}:{port}/ (state from {url}); Ctrl-C stops")
+    try:
+        asyncio.run(serve_console(url, host, port))
+    except KeyboardInterrupt:
+        pass
+    except (ConnectionError, OSError) as exc:
+        raise fail(f"console: {exc}") from None
 
 
 @app.command()

@@ -11,10 +11,16 @@ from shared.bus import Bus
 from shared.events import (
     MEMBERS_BUCKET,
     MODELS_BUCKET,
+    POLICY_BUCKET,
+    TIER_STATUS_BUCKET,
+    BatchPolicy,
     Member,
     ModelSpec,
+    TierStatus,
+    batch_policy_decoder,
     member_decoder,
     model_spec_decoder,
+    tier_status_decoder,
 )
 
 
@@ -25,6 +31,10 @@ class Snapshot:
     now: float
     members: list[Member] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
+    policies: list[BatchPolicy] = field(default_factory=list)
+    """Each target's batch policy as the controller last wrote it."""
+    tiers: list[TierStatus] = field(default_factory=list)
+    """Per retrieval worker: bytes per tier, hit shares, recent moves."""
 
 
 async def _values(bus: Bus, bucket: str, decoder: object) -> list[object]:
@@ -37,24 +47,35 @@ async def _values(bus: Bus, bucket: str, decoder: object) -> list[object]:
     for key in keys:
         try:
             entry = await kv.get(key)
-        except Exception:  # noqa: BLE001, S112 - a key deleted between keys() and get()
+        except Exception:
             continue
         if entry.value:
             out.append(decoder.decode(entry.value))  # type: ignore[attr-defined]
     return out
 
 
+async def read(bus: Bus) -> Snapshot:
+    """Read members, model specs, batch policies and tier status once over an open bus."""
+    snap = Snapshot(now=time.time())
+    members = await _values(bus, MEMBERS_BUCKET, member_decoder)
+    snap.members = sorted(
+        (m for m in members if isinstance(m, Member)), key=lambda m: (m.service, m.instance)
+    )
+    models = await _values(bus, MODELS_BUCKET, model_spec_decoder)
+    snap.models = sorted((m for m in models if isinstance(m, ModelSpec)), key=lambda m: m.name)
+    policies = await _values(bus, POLICY_BUCKET, batch_policy_decoder)
+    snap.policies = sorted(
+        (p for p in policies if isinstance(p, BatchPolicy)), key=lambda p: p.target
+    )
+    tiers = await _values(bus, TIER_STATUS_BUCKET, tier_status_decoder)
+    snap.tiers = sorted((t for t in tiers if isinstance(t, TierStatus)), key=lambda t: t.worker)
+    return snap
+
+
 async def collect(nats_url: str) -> Snapshot:
-    """Read members and model specs once."""
+    """Connect, read the snapshot once, disconnect."""
     bus = await Bus.connect(nats_url, name="infermesh-status", attempts=2)
     try:
-        snap = Snapshot(now=time.time())
-        members = await _values(bus, MEMBERS_BUCKET, member_decoder)
-        snap.members = sorted(
-            (m for m in members if isinstance(m, Member)), key=lambda m: (m.service, m.instance)
-        )
-        models = await _values(bus, MODELS_BUCKET, model_spec_decoder)
-        snap.models = sorted((m for m in models if isinstance(m, ModelSpec)), key=lambda m: m.name)
-        return snap
+        return await read(bus)
     finally:
         await bus.close()
