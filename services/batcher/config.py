@@ -19,3 +19,13 @@ class BatcherConfig(CommonConfig, frozen=True, kw_only=True):
     """Queue bound for targets whose spec names none."""
     default_timeout_ms: int = 30_000
     """Deadline for requests that carry none."""
+    batch_controller: bool = True
+    """Run the batch controller (SLO-driven batch sizing); off = model spec limits only."""
+    batch_controller_law: str = "fitted"
+    """``fitted`` (exec ≈ a + b·n, largest n that fits the SLO) or ``aimd`` (Clipper)."""
+    batch_controller_interval_s: float = 1.0
+    """How often the leader decides."""
+    batch_controller_window_s: float = 5.0
+    """Latency window per decision (observations since the last change, at most this old)."""
+    batch_controller_lease_s: float = 5.0
+    """Leader lease TTL: a dead leader is replaced after at most this long."""

@@ -16,7 +16,7 @@ Two laws, compared in ``bench/batching.py``:
   largest cap n whose worst case under saturation fits the target. With every dispatch slot
   busy a request waits for one running batch to finish and then runs in the next, so the
   worst case is ``delay + 2·exec_p99(n)``. The rest of the budget becomes max_delay (capped
-  at a tenth of the SLO). The cap never exceeds twice the largest batch measured, so the
+  at 5% of the SLO). The cap never exceeds twice the largest batch measured, so the
   fit is never trusted far beyond its data and the cap grows by doubling. A multiplicative
   correction on the target closes the loop when the model is wrong (p99 over SLO while the
   queue is not building); when the queue *is* building (arrivals above capacity), smaller
@@ -52,16 +52,19 @@ class Limits:
 class Tuning:
     """Knobs of both laws (defaults are what the benchmark measured)."""
 
-    headroom: float = 0.8
-    """Aim the worst case at this share of the SLO."""
+    headroom: float = 0.7
+    """Aim the worst case at this share of the SLO: the rest covers what the workers'
+    reports cannot see (the oldest request of a batch waited longer than the mean, the
+    router hop, scheduling noise on busy cores)."""
     min_batches: int = 8
     """Observations needed before a decision."""
     aimd_step: int = 2
     """Additive increase per decision (AIMD)."""
     aimd_backoff: float = 0.5
     """Multiplicative decrease on violation (AIMD)."""
-    max_delay_share: float = 0.1
-    """max_delay never exceeds this share of the SLO."""
+    max_delay_share: float = 0.05
+    """max_delay never exceeds this share of the SLO (it only adds latency once the cap
+    is large enough to keep up)."""
     min_correction: float = 0.3
 
 

@@ -1,0 +1,291 @@
+"""The batch controller: observations in, one leader, policies out to every batcher replica.
+
+Every batcher replica runs this loop and keeps windows of ``BatchObserved`` events (so a
+replica that takes over has warm windows). One replica at a time is the leader: it holds
+the lease ``batch-controller`` in the KV bucket ``infermesh_leases`` and writes each
+target's ``BatchPolicy`` to ``infermesh_batch_policy``; every replica, leader included,
+applies what that bucket holds (``Batcher._apply_policy``), so all replicas batch alike.
+
+The lease is a KV value ``Lease(holder, expires_unix)`` written with revision checks: a
+replica takes it with ``kv.create`` when it is absent, or with ``kv.update(last=revision)``
+when it is its own or expired, so two replicas racing for it cannot both win. The holder
+renews it every tick and acts only while its own copy is fresh (80% of the TTL, measured on
+its monotonic clock), so a leader cut off from NATS stops writing before anyone else can
+take over. Expiry compares wall clocks across replicas; NTP-level skew is small next to
+the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Literal
+
+import msgspec
+import nats.errors
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from opentelemetry import trace
+
+from services.batcher import control_law as law
+from shared import metrics
+from shared.bus import Bus
+from shared.events import (
+    BATCH_OBSERVED,
+    LEASES_BUCKET,
+    POLICY_BUCKET,
+    BatchObserved,
+    BatchPolicy,
+    Lease,
+    ModelSpec,
+    batch_observed_decoder,
+    encode,
+    lease_decoder,
+)
+from shared.kvview import KVView
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("infermesh.batcher")
+
+LEASE_KEY = "batch-controller"
+#: What NATS raises while it is unreachable; the controller rides that out and retries.
+NATS_DOWN = (nats.errors.Error, TimeoutError, ConnectionError, OSError)
+
+Law = Literal["fitted", "aimd"]
+
+
+class LeaderLease:
+    """A revision-checked lease in a KV bucket; ``tick()`` takes or renews it."""
+
+    def __init__(self, bus: Bus, holder: str, ttl_s: float, key: str = LEASE_KEY) -> None:
+        self._bus = bus
+        self.holder = holder
+        self._ttl = ttl_s
+        self._key = key
+        self._revision = 0
+        self._acquired = 0.0
+        self._fresh_until = 0.0  # time.monotonic()
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this replica holds a lease renewed recently enough to act on."""
+        return time.monotonic() < self._fresh_until
+
+    async def tick(self) -> bool:
+        """Take the lease if free or expired, renew it if ours; returns is_leader."""
+        kv = await self._bus.kv(LEASES_BUCKET)
+        started = time.monotonic()
+        now = time.time()
+        try:
+            entry = await kv.get(self._key)
+        except KeyNotFoundError:  # also a deleted key (KeyDeletedError subclasses it)
+            entry = None
+        try:
+            if entry is None or not entry.value:
+                self._acquired = now
+                self._revision = await kv.create(self._key, self._value(now))
+            else:
+                current = lease_decoder.decode(entry.value)
+                if current.holder != self.holder and current.expires_unix > now:
+                    self._fresh_until = 0.0
+                    return False
+                if current.holder != self.holder:
+                    self._acquired = now
+                    log.info("batch controller: taking over the lease from %s", current.holder)
+                assert entry.revision is not None
+                self._revision = await kv.update(self._key, self._value(now), last=entry.revision)
+        except KeyWrongLastSequenceError:  # another replica won the race
+            self._fresh_until = 0.0
+            return False
+        self._fresh_until = started + 0.8 * self._ttl
+        return True
+
+    def _value(self, now: float) -> bytes:
+        return encode(
+            Lease(holder=self.holder, expires_unix=now + self._ttl, acquired_unix=self._acquired)
+        )
+
+    async def release(self) -> None:
+        """Give the lease up (shutdown) so another replica takes over without waiting."""
+        if not self.is_leader or not self._revision:
+            return
+        self._fresh_until = 0.0
+        kv = await self._bus.kv(LEASES_BUCKET)
+        with contextlib.suppress(*NATS_DOWN):
+            await asyncio.wait_for(kv.delete(self._key, last=self._revision), timeout=1.0)
+
+
+class BatchController:
+    """Keeps each model's p99 latency at the batcher under its SLO by setting its policy."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        instance: str,
+        models: KVView[ModelSpec],
+        policies: KVView[BatchPolicy],
+        *,
+        law_name: Law = "fitted",
+        interval_s: float = 1.0,
+        window_s: float = 5.0,
+        lease_s: float = 5.0,
+        tuning: law.Tuning | None = None,
+    ) -> None:
+        self._bus = bus
+        self.instance = instance
+        self._models = models
+        self._policies = policies
+        self.law: Law = law_name
+        self._interval = interval_s
+        self._window = window_s
+        self._tuning = tuning or law.Tuning()
+        self.lease = LeaderLease(bus, instance, lease_s)
+        # Latency windows restart at each change (older batches ran under another policy);
+        # the fit keeps a longer history because the cost curve does not depend on policy.
+        self._recent: dict[str, deque[law.Observation]] = {}
+        self._history: dict[str, deque[law.Observation]] = {}
+        self._changed_at: dict[str, float] = {}
+        self._correction: dict[str, float] = {}
+        self._refreshed: dict[str, float] = {}
+
+    async def observe(self, event: BatchObserved) -> None:
+        """Add one worker observation to the target's windows."""
+        obs = law.Observation(event.size, event.queue_ms, event.exec_ms, time.monotonic())
+        self._recent.setdefault(event.target, deque(maxlen=4096)).append(obs)
+        self._history.setdefault(event.target, deque(maxlen=4096)).append(obs)
+
+    async def run(self) -> None:
+        """Subscribe to observations and decide once per interval while leader."""
+        sub = await self._bus.subscribe(
+            f"{BATCH_OBSERVED}.>", batch_observed_decoder, self.observe
+        )
+        try:
+            while True:
+                try:
+                    if await self.lease.tick():
+                        await self.tick()
+                except NATS_DOWN as exc:
+                    # NATS away: batchers keep the last policies; try again next interval.
+                    log.debug("batch controller: NATS unavailable (%s)", type(exc).__name__)
+                await asyncio.sleep(self._interval)
+        finally:
+            with contextlib.suppress(*NATS_DOWN):
+                await sub.unsubscribe()
+
+    def window(self, target: str) -> list[law.Observation]:
+        """Observations of target since its last policy change, within window_s."""
+        horizon = max(time.monotonic() - self._window, self._changed_at.get(target, 0.0))
+        recent = self._recent.get(target, deque())
+        while recent and recent[0].at < horizon:
+            recent.popleft()
+        return list(recent)
+
+    def _fit_window(self, target: str) -> list[law.Observation]:
+        history = self._history.get(target, deque())
+        horizon = time.monotonic() - 6 * self._window
+        while history and history[0].at < horizon:
+            history.popleft()
+        return list(history)
+
+    async def tick(self) -> None:
+        """One decision per model (leader only)."""
+        with tracer.start_as_current_span(
+            "batch_controller.tick", attributes={"infermesh.controller.law": self.law}
+        ) as span:
+            for target, spec in sorted(self._models.values.items()):
+                if not self.lease.is_leader:
+                    return
+                policy = self.decide(target, spec)
+                if policy is not None:
+                    await self._write(policy, span)
+
+    def decide(self, target: str, spec: ModelSpec) -> BatchPolicy | None:
+        """The policy to write for target now, or None to leave the bucket alone."""
+        now = time.time()
+        current = self._policies.values.get(target)
+        if current is None:
+            return BatchPolicy(
+                target=target,
+                max_batch_size=spec.max_batch_size,
+                max_delay_ms=spec.max_delay_ms,
+                preferred_sizes=spec.preferred_batch_sizes,
+                slo_ms=spec.slo_ms,
+                reason="initial: the model spec",
+                revision=1,
+                updated_unix=now,
+                leader=self.instance,
+            )
+        window = self.window(target)
+        stats = law.summarize(window)
+        limits = law.Limits(slo_ms=spec.slo_ms, model_max_batch=spec.max_batch_size)
+        decision: law.Decision | None
+        if current.max_batch_size > spec.max_batch_size:
+            decision = law.Decision(spec.max_batch_size, current.max_delay_ms,
+                                    "spec: model max_batch_size lowered")
+        elif self.law == "aimd":
+            decision = law.aimd(
+                current.max_batch_size, current.max_delay_ms, stats, limits, self._tuning
+            )
+        else:
+            decision = law.fitted(
+                current.max_batch_size,
+                current.max_delay_ms,
+                stats,
+                law.fit(self._fit_window(target)),
+                limits,
+                self._correction.get(target, 1.0),
+                self._tuning,
+            )
+            if decision is not None:
+                self._correction[target] = decision.correction
+        p99 = round(stats.p99_ms, 2) if stats.batches else current.p99_ms
+        if decision is None or decision.code == "hold":
+            # Refresh the p99 that `infermesh status` shows now and then, not every tick.
+            if stats.batches and now - self._refreshed.get(target, 0.0) >= 5 * self._interval:
+                self._refreshed[target] = now
+                return msgspec.structs.replace(
+                    current, p99_ms=p99, updated_unix=now, leader=self.instance
+                )
+            return None
+        self._changed_at[target] = time.monotonic()
+        self._refreshed[target] = now
+        return BatchPolicy(
+            target=target,
+            max_batch_size=decision.max_batch_size,
+            max_delay_ms=decision.max_delay_ms,
+            preferred_sizes=tuple(
+                s for s in current.preferred_sizes if s <= decision.max_batch_size
+            ),
+            slo_ms=spec.slo_ms,
+            reason=decision.reason,
+            revision=current.revision + 1,
+            updated_unix=now,
+            p99_ms=p99,
+            leader=self.instance,
+        )
+
+    async def _write(self, policy: BatchPolicy, span: trace.Span) -> None:
+        previous = self._policies.values.get(policy.target)
+        kv = await self._bus.kv(POLICY_BUCKET)
+        await kv.put(policy.target, encode(policy))
+        if previous is not None and previous.revision == policy.revision:
+            return  # a p99 refresh, not a change
+        code = policy.reason.split(":", 1)[0]
+        metrics.POLICY_CHANGES.labels(policy.target, code).inc()
+        span.add_event(
+            "batch_policy.change",
+            {
+                "infermesh.target": policy.target,
+                "infermesh.batch.max_size": policy.max_batch_size,
+                "infermesh.batch.max_delay_ms": policy.max_delay_ms,
+                "infermesh.batch.p99_ms": policy.p99_ms,
+                "infermesh.batch.slo_ms": policy.slo_ms,
+                "infermesh.batch.policy_revision": policy.revision,
+                "infermesh.batch.reason": policy.reason,
+            },
+        )
+        log.info("batch policy %s r%d: max batch %d, max delay %.2f ms (%s)", policy.target,
+                 policy.revision, policy.max_batch_size, policy.max_delay_ms, policy.reason)
+
