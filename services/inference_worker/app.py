@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from services.inference_worker.backends import BackendUnavailable
 from services.inference_worker.backends.factory import make_backend
 from services.inference_worker.config import WorkerConfig
 from services.inference_worker.handlers import InferenceWorkerServicer, Model
@@ -32,10 +33,18 @@ class InferenceWorker(Service):
         only = tuple(n.strip() for n in config.models.split(",") if n.strip())
         self.configs = load_repository(root, only)
         cache = Path(config.model_cache) if config.model_cache else config.data_path / "models"
-        self.models = {
-            name: Model(c, make_backend(c, root / name, cache, config.threads))
-            for name, c in self.configs.items()
-        }
+        self.models: dict[str, Model] = {}
+        for name, c in self.configs.items():
+            try:
+                backend = make_backend(c, root / name, cache, config.threads)
+            except BackendUnavailable as exc:
+                if only:
+                    raise  # asked for by name: failing to load it is an error, not a choice
+                # Loading the whole repository: an optional backend (torch on a machine
+                # without it) must not take the other models down.
+                log.warning("model %s skipped: %s", name, exc.message)
+                continue
+            self.models[name] = Model(c, backend)
         self.servicer = InferenceWorkerServicer(self.models, self.instance, self._publish)
 
     async def _publish(self, subject: str, event: Event) -> None:

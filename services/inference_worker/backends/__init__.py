@@ -7,6 +7,16 @@ from typing import Protocol
 
 import numpy as np
 
+from shared.errors import FailedPrecondition
+
+
+class BackendUnavailable(FailedPrecondition):
+    """A backend cannot run on this machine (its library is not installed, e.g. torch).
+
+    A worker that loads its whole repository skips such a model with a warning instead of
+    failing, so one optional backend never takes the others down.
+    """
+
 
 @dataclass
 class Item:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.inference_worker.backends import Backend
+from services.inference_worker.backends import Backend, BackendUnavailable
 from services.inference_worker.repository import ModelConfig
 from shared.errors import FailedPrecondition
 
@@ -27,6 +27,18 @@ def make_backend(config: ModelConfig, model_dir: Path, cache_dir: Path, threads:
         else:
             model_path = model_dir / str(config.parameters.get("model", "model.onnx"))
         return OnnxBackend(model_path, config.parameters, threads)
+    if config.backend == "torch":
+        try:
+            from services.inference_worker.backends.torch_backend import TorchBackend
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            raise BackendUnavailable(
+                f"model {config.name!r}: the torch backend needs torch, which is not "
+                "installed here (pip install torch)"
+            ) from None
+        output = config.outputs[0].name if config.outputs else "embedding"
+        return TorchBackend(config.parameters, model_dir, output_name=output, threads=threads)
     if config.backend == "triton":
         from services.inference_worker.backends.triton import TritonBackend
 

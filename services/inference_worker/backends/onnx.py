@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 
 from services.inference_worker.backends import Item
+from services.inference_worker.backends.batching import item_rows, join_rows, split_rows
 from services.inference_worker.text import TextEncoder
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
@@ -52,50 +53,12 @@ class OnnxBackend:
             TextEncoder(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").exists() else None
         )
 
-    def _rows(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
-        if item.texts:
-            if self.encoder is None:
-                raise InvalidArgument("this model has no tokenizer; send input_ids")
-            return self.encoder.encode(item.texts)
-        ids = item.inputs["input_ids"]
-        mask = item.inputs.get("attention_mask")
-        if mask is None:
-            mask = np.ones_like(ids)
-        if ids.shape != mask.shape:
-            raise InvalidArgument(
-                f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ"
-            )
-        if ids.shape[1] > self.max_seq_length:
-            raise InvalidArgument(
-                f"sequence length {ids.shape[1]} exceeds the model's {self.max_seq_length}"
-            )
-        return ids, mask
-
     def execute(self, items: list[Item]) -> list[dict[str, np.ndarray]]:
-        parts = [self._rows(item) for item in items]
-        seq = max(ids.shape[1] for ids, _ in parts)
-        ids = np.zeros((sum(p[0].shape[0] for p in parts), seq), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        row = 0
-        for p_ids, p_mask in parts:
-            n, s = p_ids.shape
-            ids[row : row + n, :s] = p_ids
-            mask[row : row + n, :s] = p_mask
-            row += n
+        parts = [item_rows(item, self.encoder, self.max_seq_length) for item in items]
+        ids, mask = join_rows(parts)
         feeds = {"input_ids": ids, "attention_mask": mask}
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
-        results = []
-        row = 0
-        for p_ids, _ in parts:
-            n = p_ids.shape[0]
-            results.append(
-                {
-                    name: out[row : row + n]
-                    for name, out in zip(self.output_names, outputs, strict=True)
-                }
-            )
-            row += n
-        return results
+        return split_rows(dict(zip(self.output_names, outputs, strict=True)), parts)
 
     def close(self) -> None:
         pass
