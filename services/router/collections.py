@@ -94,27 +94,41 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         self._timeout = default_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _worker(self, collection: str = "") -> retrieval_worker_pb2_grpc.RetrievalWorkerStub:
-        live = [
+    def _live(self, collection: str) -> list[str]:
+        return [
             m.endpoint for m in self._members.members("retrieval-worker")
             if m.health == "SERVING" and (not collection or collection in m.targets)
         ]
-        if not live:
+
+    async def _worker(
+        self, collection: str = ""
+    ) -> tuple[str, retrieval_worker_pb2_grpc.RetrievalWorkerStub]:
+        try:
+            # Right after start-up the member view may not have seen the workers yet.
+            await self._members.wait_for(lambda: bool(self._live(collection)), timeout=5.0)
+        except TimeoutError:
             raise Unavailable(
                 "no healthy retrieval worker" + (f" serves {collection!r}" if collection else "")
-            )
+            ) from None
+        live = self._live(collection)
         endpoint = random.choice(live)
         ch = self._channels.get(endpoint)
         if ch is None:
             ch = self._channels[endpoint] = rpc.channel(endpoint, self._max_bytes)
-        return retrieval_worker_pb2_grpc.RetrievalWorkerStub(ch)
+        return endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub(ch)
 
     async def _call(self, method: str, request: object, collection: str = "") -> object:
-        stub = self._worker(collection)
-        try:
-            return await getattr(stub, method)(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as err:
-            raise RPCError.from_aio(err, "retrieval-worker") from None
+        for attempt in range(3):
+            endpoint, stub = await self._worker(collection)
+            try:
+                return await getattr(stub, method)(request, timeout=self._timeout)
+            except grpc.aio.AioRpcError as err:
+                if rpc.peer_unreachable(err) and attempt < 2:
+                    # A worker that died keeps its member record until the TTL: skip it.
+                    self._members.forget(endpoint)
+                    continue
+                raise RPCError.from_aio(err, "retrieval-worker") from None
+        raise AssertionError("unreachable")
 
     async def CreateCollection(
         self, request: retrieval_worker_pb2.CreateCollectionRequest,

@@ -54,7 +54,12 @@ class Admin:
             retrieval_worker_pb2.DescribeCollectionRequest(name=name))
 
     async def count_is(self, name: str, n: int) -> bool:
-        info = await self.describe(name)
+        try:
+            info = await self.describe(name)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:  # a worker (re)starting
+                return False
+            raise
         return info.count == n and len(info.workers) > 0
 
 
@@ -106,3 +111,132 @@ async def _searchable(client: AsyncClient, name: str) -> bool:
     except RPCError:
         return False
     return True
+
+
+async def served_by(admin: Admin, name: str, n: int) -> bool:
+    info = await admin.describe(name)
+    return len(info.workers) == n
+
+
+async def test_two_workers_split_the_blocks_and_answer_exactly_as_one_worker_does(
+    nats_server, tmp_path: Path
+) -> None:
+    async with retrieval_mesh(nats_server.url, tmp_path, workers=2) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+        await admin.create("split")
+        x = unit(3000, seed=1)
+        await admin.upsert("split", np.arange(3000), x)
+        await eventually(lambda: admin.count_is("split", 3000), timeout=30, what="ingest")
+        await eventually(lambda: served_by(admin, "split", 2), what="both workers serve")
+        q = unit(50, seed=2)
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            await eventually(lambda: _searchable(client, "split"), what="collection served")
+            both = await search(client, "split", q, k=10, nprobe=4)
+            assert set(both.timings[0].worker.split(",")) == {"rw0", "rw1"}
+            await mesh.pop("rw1").stop()
+            await eventually(lambda: served_by(admin, "split", 1), what="rw1 gone")
+            one = await search(client, "split", q, k=10, nprobe=4)
+    assert one.timings[0].worker == "rw0"
+    np.testing.assert_array_equal(one.outputs["ids"], both.outputs["ids"])
+    np.testing.assert_allclose(one.outputs["scores"], both.outputs["scores"], rtol=1e-5)
+
+
+async def test_searches_stay_correct_while_a_worker_joins_and_another_leaves(
+    nats_server, tmp_path: Path
+) -> None:
+    async with retrieval_mesh(nats_server.url, tmp_path, workers=1) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+        await admin.create("moving")
+        x = unit(3000, seed=3)
+        await admin.upsert("moving", np.arange(3000), x)
+        await eventually(lambda: admin.count_is("moving", 3000), timeout=30, what="ingest")
+        q = unit(20, seed=4)
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            await eventually(lambda: _searchable(client, "moving"), what="collection served")
+            expected = (await search(client, "moving", q, k=10, nprobe=4)).outputs["ids"]
+            seen_workers: set[str] = set()
+            answers = 0
+            stop = asyncio.Event()
+
+            async def keep_searching() -> None:
+                nonlocal answers
+                while not stop.is_set():
+                    r = await search(client, "moving", q, k=10, nprobe=4)
+                    np.testing.assert_array_equal(r.outputs["ids"], expected)
+                    seen_workers.update(r.timings[0].worker.split(","))
+                    answers += 1
+
+            searcher = asyncio.create_task(keep_searching())
+            mesh["rw1"] = await start_retrieval(nats_server.url, tmp_path / "rw1",
+                                                instance="rw1")
+            await eventually(lambda: served_by(admin, "moving", 2), timeout=30,
+                             what="rw1 caught up and serving")
+            await eventually(lambda: _true("rw1" in seen_workers), what="rw1 takes blocks")
+            await mesh.pop("rw0").stop()
+            await eventually(lambda: served_by(admin, "moving", 1), what="rw0 gone")
+            before = answers
+            await eventually(lambda: _true(answers > before + 5), what="searches after rw0 left")
+            stop.set()
+            await searcher  # re-raises any wrong answer or error seen meanwhile
+    assert seen_workers == {"rw0", "rw1"}
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_malformed_searches_and_upserts_are_rejected_with_a_message_naming_the_problem(
+    nats_server, tmp_path: Path
+) -> None:
+    async with retrieval_mesh(nats_server.url, tmp_path) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+        await admin.create("strict")
+        await admin.upsert("strict", np.arange(1500), unit(1500))
+        await eventually(lambda: admin.count_is("strict", 1500), timeout=30, what="ingest")
+        nan = unit(1)
+        nan[0, 3] = np.nan
+        cases = [
+            (dict(pipeline="search", collection="nope", inputs={"query": unit(1)}),
+             grpc.StatusCode.NOT_FOUND, "unknown collection 'nope'"),
+            (dict(pipeline="lookup", collection="strict", inputs={"query": unit(1)}),
+             grpc.StatusCode.NOT_FOUND, "configured: search"),
+            (dict(pipeline="search", collection="strict", inputs={"query": unit(1, dim=8)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "needs [n, 16]"),
+            (dict(pipeline="search", collection="strict",
+                  inputs={"query": unit(1).astype(np.float64)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "must be FP32"),
+            (dict(pipeline="search", collection="strict", inputs={"query": nan}),
+             grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+            (dict(pipeline="search", collection="strict", inputs={"query": unit(1)}, k=5000),
+             grpc.StatusCode.INVALID_ARGUMENT, "k must be in [1, 1024]"),
+            (dict(pipeline="search", collection="strict", inputs={"query": unit(1)}, nprobe=17),
+             grpc.StatusCode.INVALID_ARGUMENT, "nprobe must be in [1, nlist=16]"),
+            (dict(pipeline="search", collection="strict"),
+             grpc.StatusCode.INVALID_ARGUMENT, "needs texts or a query tensor"),
+            (dict(pipeline="search", collection="bad name!", inputs={"query": unit(1)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "bad collection name"),
+        ]
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            for kwargs, code, message in cases:
+                with pytest.raises(RPCError) as info:
+                    await client.infer(**kwargs)  # type: ignore[arg-type]
+                assert (info.value.status, message in info.value.message) == (code, True), (
+                    kwargs, info.value.message)
+        upserts = [
+            (np.arange(3), unit(3, dim=8), "needs [3, 16]"),
+            (np.array([1, 1, 2]), unit(3), "must be unique"),
+            (np.array([-1, 0, 2]), unit(3), "non-negative"),
+            (np.arange(3), np.full((3, DIM), np.inf, np.float32), "NaN or Inf"),
+        ]
+        for ids, vectors, message in upserts:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.upsert("strict", ids, vectors)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in (err.value.details() or ""), err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.create("strict", dim=32)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.upsert("ghost", np.arange(3), unit(3))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "unknown collection 'ghost'" in (err.value.details() or "")
