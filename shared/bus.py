@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,55 @@ from shared.events import Event, encode
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.bus")
+
+
+class NatsAuth:
+    """NATS credentials and TLS for nats.connect (user/password, token, nkey, creds file)."""
+
+    def __init__(
+        self,
+        user: str = "",
+        password: str = "",
+        token: str = "",
+        creds: str = "",
+        nkey_seed: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> None:
+        self.user, self.password, self.token = user, password, token
+        self.creds, self.nkey_seed = creds, nkey_seed
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> NatsAuth:
+        return cls(
+            cfg.nats_user,
+            cfg.nats_password,
+            cfg.nats_token,
+            cfg.nats_creds,
+            cfg.nats_nkey_seed,
+            cfg.nats_tls_ca,
+            cfg.nats_tls_cert,
+            cfg.nats_tls_key,
+        )
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.user:
+            opts["user"], opts["password"] = self.user, self.password
+        if self.token:
+            opts["token"] = self.token
+        if self.creds:
+            opts["user_credentials"] = self.creds
+        if self.nkey_seed:
+            opts["nkeys_seed"] = self.nkey_seed
+        if self.tls_ca or self.tls_cert:
+            ctx = ssl.create_default_context(cafile=self.tls_ca or None)
+            if self.tls_cert:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
+            opts["tls"] = ctx
+        return opts
 
 
 class _Link:
@@ -67,9 +117,9 @@ class Bus:
         cls,
         servers: str,
         name: str,
-        max_payload_hint: int = 8 * 1024 * 1024,
         attempts: int = 0,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        auth: NatsAuth | None = None,
     ) -> Bus:
         """Connect, retrying with capped exponential backoff (attempts=0: forever).
 
@@ -91,7 +141,11 @@ class Bus:
                 return
             log.warning("nats: disconnected; data path keeps serving on the last known state")
 
+        last_error: list[str] = []
+
         async def error_cb(exc: Exception) -> None:
+            # Keep the server's own reason (e.g. "Authorization Violation") for our one line.
+            last_error[:] = [str(exc) or type(exc).__name__]
             log.debug("nats: %s", exc)
 
         while True:
@@ -109,19 +163,18 @@ class Bus:
                     disconnected_cb=disconnected,
                     error_cb=error_cb,
                     allow_reconnect=True,
+                    **(auth.options() if auth else {}),
                 )
                 nc.options["max_reconnect_attempts"] = -1
                 return cls(nc, name, link)
             except (NoServersError, OSError, TimeoutError) as exc:
+                reason = last_error[0] if last_error else type(exc).__name__
                 if attempts and attempt >= attempts:
                     raise ConnectionError(
-                        f"cannot reach NATS at {servers} after {attempt} attempts: {exc}"
+                        f"cannot reach NATS at {servers} after {attempt} attempts: {reason}"
                     ) from None
                 log.warning(
-                    "cannot reach NATS at %s (%s); retrying in %.1fs",
-                    servers,
-                    type(exc).__name__,
-                    delay,
+                    "cannot reach NATS at %s (%s); retrying in %.1fs", servers, reason, delay
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -48,6 +48,30 @@ class CommonConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
     log_level: str = "INFO"
+    tls_cert: str = ""
+    """PEM certificate of this service: turns TLS on for its gRPC server and its calls."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_ca: str = ""
+    """PEM CA bundle that peers' certificates are checked against."""
+    tls_client_auth: bool = False
+    """Require client certificates (mTLS) on this service's gRPC port."""
+    tls_server_name: str = ""
+    """Name to expect in peers' certificates when endpoints are IPs (empty = the host)."""
+    health_port: int = 0
+    """Plaintext grpc.health.v1-only port for k8s probes when TLS is on (0 = none)."""
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_token: str = ""
+    nats_creds: str = ""
+    """NATS credentials file (JWT + nkey seed)."""
+    nats_nkey_seed: str = ""
+    """File holding an nkey seed (nkey auth without JWT)."""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    max_nats_payload: int = 8 * 1024 * 1024
+    """Largest control-path message this process publishes (the server's max_payload)."""
     tracing: bool = True
     """OpenTelemetry spans for RPCs and batches (exported only with OTEL_EXPORTER_OTLP_ENDPOINT)."""
 

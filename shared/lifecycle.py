@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health
 
 from shared import metrics, rpc, telemetry
-from shared.bus import Bus
+from shared.bus import Bus, NatsAuth
 from shared.config import CommonConfig
 from shared.events import Member
 from shared.membership import Heartbeat, MemberView
@@ -44,6 +44,18 @@ class Service:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.health: health.aio.HealthServicer | None = None
+        self.transport = rpc.Transport.from_files(
+            config.max_message_bytes,
+            config.tracing,
+            config.tls_ca,
+            config.tls_cert,
+            config.tls_key,
+            config.tls_client_auth,
+            config.tls_server_name,
+        )
+        #: Channels to peers (one per endpoint), with this process's TLS and options.
+        self.channels = rpc.Channels(self.transport)
+        self._health_server: grpc.aio.Server | None = None
         self.members: MemberView | None = None
         self._heartbeat: Heartbeat | None = None
         self._started = time.time()
@@ -103,7 +115,9 @@ class Service:
     async def start(self) -> None:
         """Connect, bind, run the start hooks and report SERVING."""
         cfg = self.config
-        self.bus = await Bus.connect(cfg.nats_url, name=f"{self.name}-{self.instance}")
+        self.bus = await Bus.connect(
+            cfg.nats_url, name=f"{self.name}-{self.instance}", auth=NatsAuth.from_config(cfg)
+        )
         if self.watches_members():
             self.members = MemberView(self.bus, cfg.member_ttl_s)
         self.server, self.port, self.health = rpc.create_server(
@@ -112,11 +126,14 @@ class Service:
             cfg.grpc_port,
             [self.register],
             self.grpc_services,
-            max_message_bytes=cfg.max_message_bytes,
-            tracing=cfg.tracing,
+            transport=self.transport,
         )
         await self.on_start()
         await self.server.start()
+        if cfg.health_port and self.transport.tls:
+            self._health_server, _ = await rpc.health_only_server(
+                cfg.grpc_host, cfg.health_port, self.health
+            )
         self._heartbeat = Heartbeat(self.bus, self.member, cfg.heartbeat_s, cfg.member_ttl_s)
         self._serving = True
         await rpc.set_serving(self.health, True)
@@ -171,6 +188,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(self.config.grace_s)
         await self.on_stop()
+        await self.channels.close()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.bus is not None:
             await self.bus.close()
         telemetry.flush()

@@ -8,10 +8,11 @@ one exception table in ``shared.errors``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from shared import metrics
 from shared.errors import message_of, status_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_SERVICE = health.SERVICE_NAME
 #: Trailing metadata key naming the service that produced an error status. Its absence on an
@@ -138,6 +140,177 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
+class Transport:
+    """How this process speaks gRPC: message limit, tracing, TLS/mTLS material.
+
+    TLS is off by default (local runs); with ``tls_cert``/``tls_key`` set, servers listen
+    with TLS, and with ``tls_client_auth`` they also require client certificates (mTLS).
+    Clients trust ``tls_ca`` and present ``tls_cert``/``tls_key`` (the mesh's services are
+    each other's clients, so one certificate per service serves both ways).
+    """
+
+    def __init__(
+        self,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        tracing: bool = True,
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        client_auth: bool = False,
+        server_name: str = "",
+    ) -> None:
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("TLS needs both a certificate and its key")
+        if client_auth and not tls_ca:
+            raise ValueError("mTLS (client auth) needs a CA to verify client certificates")
+        self.max_message_bytes = max_message_bytes
+        self.tracing = tracing
+        self.tls_ca = tls_ca
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.client_auth = client_auth
+        self.server_name = server_name
+
+    @classmethod
+    def from_files(
+        cls,
+        max_message_bytes: int,
+        tracing: bool,
+        ca: str = "",
+        cert: str = "",
+        key: str = "",
+        client_auth: bool = False,
+        server_name: str = "",
+    ) -> Transport:
+        """Read TLS material from files (empty path = not set)."""
+
+        def read(path: str, what: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise ValueError(f"cannot read TLS {what} {path}: {exc.strerror}") from None
+
+        return cls(
+            max_message_bytes,
+            tracing,
+            read(ca, "CA"),
+            read(cert, "certificate"),
+            read(key, "key"),
+            client_auth,
+            server_name,
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None or self.tls_ca is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.tls_ca,
+            require_client_auth=self.client_auth,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca,
+            private_key=self.tls_key,
+            certificate_chain=self.tls_cert,
+        )
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        """A channel to target with limits, keepalive, retry budget and trace propagation."""
+        options = [
+            *message_options(self.max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Reconnect fast after a peer restarts instead of backing off for minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        interceptors = aio_client_interceptors(filter_=_NOT_TRACED) if self.tracing else None
+        creds = self.channel_credentials()
+        if creds is None:
+            return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
+
+
+#: Retries only where a call is idempotent (running a batch again, searching again), only on
+#: UNAVAILABLE (the call did not reach the peer), and under a budget: retryThrottling stops
+#: retrying once failures exceed about 10 % of calls, so an outage does not multiply load.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "infermesh.v1.InferenceWorker", "method": "Execute"},
+                    {"service": "infermesh.v1.RetrievalWorker", "method": "Search"},
+                    {"service": "infermesh.v1.Batcher", "method": "Submit"},
+                    {"service": "infermesh.v1.Router", "method": "Infer"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
+
+class Channels:
+    """One cached channel per peer endpoint, made by the process's Transport."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, type], Any] = {}
+
+    def get(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = self._channels[endpoint] = self.transport.channel(endpoint)
+        return ch
+
+    def stub(self, endpoint: str, stub_type: type[T]) -> T:
+        """A stub of stub_type on the endpoint's channel (cached)."""
+        key = (endpoint, stub_type)
+        stub = self._stubs.get(key)
+        if stub is None:
+            stub = self._stubs[key] = stub_type(self.get(endpoint))
+        return stub  # type: ignore[no-any-return]
+
+    async def drop(self, endpoint: str) -> None:
+        """Close the channel to a peer that went away."""
+        ch = self._channels.pop(endpoint, None)
+        for key in [k for k in self._stubs if k[0] == endpoint]:
+            del self._stubs[key]
+        if ch is not None:
+            await ch.close()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+
 def create_server(
     service: str,
     host: str,
@@ -146,19 +319,21 @@ def create_server(
     service_names: Sequence[str],
     max_message_bytes: int = 64 * 1024 * 1024,
     tracing: bool = True,
+    transport: Transport | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a grpc.aio server with health, reflection and interceptors; bind host:port.
 
     Returns (server, bound port, health servicer). The health status starts NOT_SERVING;
-    the service sets SERVING once it can do its work.
+    the service sets SERVING once it can do its work. With a TLS transport the port is TLS.
     """
+    transport = transport or Transport(max_message_bytes, tracing)
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if tracing:
+    if transport.tracing:
         interceptors.append(aio_server_interceptor(filter_=_NOT_TRACED))
     interceptors.append(ErrorInterceptor(service))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+        options=[*message_options(transport.max_message_bytes), ("grpc.so_reuseport", 0)],
     )
     for add in register:
         add(server)
@@ -167,10 +342,25 @@ def create_server(
     reflection.enable_server_reflection(
         [*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server
     )
+    creds = transport.server_credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return server, bound, health_servicer
+
+
+async def health_only_server(
+    host: str, port: int, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only grpc.health.v1 (k8s probes when the main port is mTLS)."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
-    return server, bound, health_servicer
+        raise OSError(f"cannot bind health port {host}:{port}")
+    await server.start()
+    return server, bound
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -186,18 +376,8 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
 def channel(
     target: str, max_message_bytes: int = 64 * 1024 * 1024, tracing: bool = True
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel with message limits, keepalive and trace propagation."""
-    options = [
-        *message_options(max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        # Reconnect fast after a peer restarts instead of backing off for up to 2 minutes.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-    ]
-    interceptors = aio_client_interceptors(filter_=_NOT_TRACED) if tracing else None
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    """A plaintext channel with the mesh's options (tests and local tools)."""
+    return Transport(max_message_bytes, tracing).channel(target)
 
 
 async def check_health(target: str, timeout: float = 1.0) -> bool:

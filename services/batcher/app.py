@@ -62,9 +62,9 @@ class Batcher(Service, Queues):
         assert self.bus is not None and self.members is not None
         self.models = KVView(self.bus, MODELS_BUCKET, model_spec_decoder)
         self.collections = KVView(self.bus, COLLECTIONS_BUCKET, declared_decoder)
-        self.scatter = Scatter(self.members, self.collections, self.cfg.max_message_bytes)
+        self.scatter = Scatter(self.members, self.collections, self.channels)
         self.spawn(self.collections.run())
-        self.pool = WorkerPool(self.members, "inference-worker", self.cfg.max_message_bytes)
+        self.pool = WorkerPool(self.members, "inference-worker", self.channels)
         self.spawn(self.models.run())
         # Every replica applies the policies in KV; the view keeps the last ones through a
         # NATS outage, so batching goes on as last decided.
@@ -95,10 +95,6 @@ class Batcher(Service, Queues):
             await self.controller.lease.release()
         for q in self.queues.values():
             q.fail_all(Unavailable("batcher is shutting down"))
-        if self.pool is not None:
-            await self.pool.close()
-        if self.scatter is not None:
-            await self.scatter.close()
 
     def _policy(self, spec: ModelSpec) -> Policy:
         return Policy(

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import grpc
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.trace import Span
 
 from services.batcher.queue import Outcome, Pending
 from services.batcher.tracing import batch_span
@@ -31,15 +31,10 @@ log = logging.getLogger(__name__)
 class WorkerPool:
     """Channels to the workers of one service and the items outstanding on each."""
 
-    def __init__(
-        self, members: MemberView, service: str, max_message_bytes: int, tracing: bool = True
-    ) -> None:
-        self._tracing = tracing
+    def __init__(self, members: MemberView, service: str, channels: rpc.Channels) -> None:
         self._members = members
         self._service = service
-        self._max_bytes = max_message_bytes
-        self._stubs: dict[str, inference_worker_pb2_grpc.InferenceWorkerStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
         self.outstanding: dict[str, int] = {}
 
     def candidates(self, target: str) -> list[Member]:
@@ -65,12 +60,7 @@ class WorkerPool:
         return random.choice(best) if best else None
 
     def _stub(self, endpoint: str) -> inference_worker_pb2_grpc.InferenceWorkerStub:
-        stub = self._stubs.get(endpoint)
-        if stub is None:
-            ch = rpc.channel(endpoint, self._max_bytes, tracing=self._tracing)
-            self._channels[endpoint] = ch
-            stub = self._stubs[endpoint] = inference_worker_pb2_grpc.InferenceWorkerStub(ch)
-        return stub
+        return self._channels.stub(endpoint, inference_worker_pb2_grpc.InferenceWorkerStub)
 
     async def execute(self, target: str, batch: list[Pending]) -> None:
         """Run a batch on a worker and resolve every request's future."""
@@ -134,9 +124,6 @@ class WorkerPool:
                 if not p.future.done():
                     p.future.set_exception(exc)
 
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
 
 
 def _resolve(

@@ -77,13 +77,11 @@ class Scatter:
         self,
         members: MemberView,
         collections: KVView[CollectionDeclared],
-        max_message_bytes: int,
+        channels: rpc.Channels,
     ) -> None:
         self._members = members
         self._collections = collections
-        self._max_bytes = max_message_bytes
-        self._stubs: dict[str, retrieval_worker_pb2_grpc.RetrievalWorkerStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
         self.outstanding: dict[str, int] = {}
 
     def owners(self, collection: str, exclude: set[str] = frozenset()) -> dict[str, frozenset[int]]:  # type: ignore[assignment]
@@ -95,12 +93,7 @@ class Scatter:
         }
 
     def _stub(self, endpoint: str) -> retrieval_worker_pb2_grpc.RetrievalWorkerStub:
-        stub = self._stubs.get(endpoint)
-        if stub is None:
-            ch = rpc.channel(endpoint, self._max_bytes)
-            self._channels[endpoint] = ch
-            stub = self._stubs[endpoint] = retrieval_worker_pb2_grpc.RetrievalWorkerStub(ch)
-        return stub
+        return self._channels.stub(endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub)
 
     async def execute(self, target: str, batch: list[Pending]) -> None:
         """Run a batch of search requests and resolve each one's future."""
@@ -240,9 +233,6 @@ class Scatter:
         finally:
             self.outstanding[endpoint] -= n
 
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
 
 
 def _hit(doc_id: int, score: float, src: common_pb2.Hit | None) -> common_pb2.Hit:

@@ -50,7 +50,7 @@ class Router(Service):
         # Servicers need the bus, which exists by now (start() connects before registering).
         assert self.bus is not None and self.members is not None
         self.models = KVView(self.bus, MODELS_BUCKET, model_spec_decoder)
-        self.batchers = Batchers(self.members, self.cfg.max_message_bytes)
+        self.batchers = Batchers(self.members, self.channels)
         self.collections = KVView(self.bus, COLLECTIONS_BUCKET, declared_decoder)
         pipelines = Pipelines(
             self.cfg.pipelines,
@@ -74,7 +74,7 @@ class Router(Service):
             pipelines,
             self.cfg.embed_model,
             self.cfg.embed_chunk,
-            self.cfg.max_message_bytes,
+            self.channels,
             self.cfg.default_timeout_ms / 1000.0,
         )
         collections_pb2_grpc.add_CollectionsServicer_to_server(self.admin, server)
@@ -96,12 +96,6 @@ class Router(Service):
         self.spawn(self.models.run())
         self.spawn(self.collections.run())
         await ensure_stream(self.bus.js)
-
-    async def on_stop(self) -> None:
-        if self.batchers is not None:
-            await self.batchers.close()
-        if self.admin is not None:
-            await self.admin.close()
 
     def load(self) -> int:
         return sum(self.batchers.outstanding.values()) if self.batchers else 0

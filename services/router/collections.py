@@ -82,7 +82,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         pipelines: Pipelines,
         embed_model: str,
         embed_chunk: int,
-        max_message_bytes: int,
+        channels: rpc.Channels,
         default_timeout_s: float,
     ) -> None:
         self._bus = bus
@@ -90,9 +90,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         self._pipelines = pipelines
         self._embed_model = embed_model
         self._embed_chunk = embed_chunk
-        self._max_bytes = max_message_bytes
         self._timeout = default_timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
 
     def _live(self, collection: str) -> list[str]:
         return [
@@ -112,10 +111,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
             ) from None
         live = self._live(collection)
         endpoint = random.choice(live)
-        ch = self._channels.get(endpoint)
-        if ch is None:
-            ch = self._channels[endpoint] = rpc.channel(endpoint, self._max_bytes)
-        return endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub(ch)
+        return endpoint, self._channels.stub(endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub)
 
     async def _call(self, method: str, request: object, collection: str = "") -> object:
         for attempt in range(3):
@@ -230,7 +226,4 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
             seq=seqs[-1], first_seq=seqs[0], count=ids.size, messages=len(seqs)
         )
 
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
 

@@ -18,12 +18,9 @@ log = logging.getLogger(__name__)
 class Batchers:
     """Channels to the batcher replicas in membership; least outstanding first."""
 
-    def __init__(self, members: MemberView, max_message_bytes: int, tracing: bool = True) -> None:
-        self._tracing = tracing
+    def __init__(self, members: MemberView, channels: rpc.Channels) -> None:
         self._members = members
-        self._max_bytes = max_message_bytes
-        self._stubs: dict[str, batcher_pb2_grpc.BatcherStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
         self.outstanding: dict[str, int] = {}
 
     def _pick(self, exclude: set[str]) -> str | None:
@@ -38,12 +35,7 @@ class Batchers:
         return random.choice([e for e in live if self.outstanding.get(e, 0) == low])
 
     def _stub(self, endpoint: str) -> batcher_pb2_grpc.BatcherStub:
-        stub = self._stubs.get(endpoint)
-        if stub is None:
-            ch = rpc.channel(endpoint, self._max_bytes, tracing=self._tracing)
-            self._channels[endpoint] = ch
-            stub = self._stubs[endpoint] = batcher_pb2_grpc.BatcherStub(ch)
-        return stub
+        return self._channels.stub(endpoint, batcher_pb2_grpc.BatcherStub)
 
     async def submit(
         self, request: batcher_pb2.SubmitRequest, timeout: float
@@ -74,6 +66,3 @@ class Batchers:
         raise Unavailable("no healthy batcher is reachable" + (
             f" (tried {', '.join(sorted(tried))})" if tried else ""))
 
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
