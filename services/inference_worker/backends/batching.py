@@ -16,18 +16,40 @@ from services.inference_worker.backends import Item
 from services.inference_worker.text import TextEncoder
 from shared.errors import InvalidArgument
 
-__all__ = ["Rows", "item_rows", "join_rows", "split_rows"]
+__all__ = ["Rows", "batch_rows", "join_rows", "split_rows"]
 
 #: One item's ``(input_ids, attention_mask)``, both int64 ``[rows, seq]``.
 Rows = tuple[np.ndarray, np.ndarray]
 
 
-def item_rows(item: Item, encoder: TextEncoder | None, max_seq_length: int) -> Rows:
-    """Tokenize an item's texts, or check its pre-tokenized tensors; return its rows."""
-    if item.texts:
+def batch_rows(
+    items: Sequence[Item], encoder: TextEncoder | None, max_seq_length: int
+) -> list[Rows]:
+    """Every item's rows, in order: texts tokenized, pre-tokenized tensors checked.
+
+    All texts of the batch go to the tokenizer in one call: it spreads a batch over the
+    cores and pays its per-call cost once, where one call per item (a batch of single
+    sentences) made tokenizing cost more than a GPU forward pass.
+    """
+    texts = [t for item in items for t in item.texts]
+    if texts:
         if encoder is None:
             raise InvalidArgument("this model has no tokenizer; send input_ids")
-        return encoder.encode(item.texts)
+        text_ids, text_mask = encoder.encode(texts)
+    parts: list[Rows] = []
+    row = 0
+    for item in items:
+        if item.texts:
+            n = len(item.texts)
+            # Rows padded to the batch's longest text: join_rows pads to that width anyway.
+            parts.append((text_ids[row : row + n], text_mask[row : row + n]))
+            row += n
+        else:
+            parts.append(_tensor_rows(item, max_seq_length))
+    return parts
+
+
+def _tensor_rows(item: Item, max_seq_length: int) -> Rows:
     ids = item.inputs["input_ids"]
     mask = item.inputs.get("attention_mask")
     if mask is None:

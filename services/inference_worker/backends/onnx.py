@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.inference_worker.backends import Item
-from services.inference_worker.backends.batching import item_rows, join_rows, split_rows
+from services.inference_worker.backends.batching import batch_rows, join_rows, split_rows
 from services.inference_worker.text import TextEncoder
 from shared.errors import FailedPrecondition
 
@@ -54,7 +54,7 @@ class OnnxBackend:
         )
 
     def execute(self, items: list[Item]) -> list[dict[str, np.ndarray]]:
-        parts = [item_rows(item, self.encoder, self.max_seq_length) for item in items]
+        parts = batch_rows(items, self.encoder, self.max_seq_length)
         ids, mask = join_rows(parts)
         feeds = {"input_ids": ids, "attention_mask": mask}
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from services.inference_worker.backends import Item
-from services.inference_worker.backends.batching import item_rows, join_rows, split_rows
+from services.inference_worker.backends.batching import batch_rows, join_rows, split_rows
 from services.inference_worker.text import TextEncoder
 from shared.errors import FailedPrecondition, InvalidArgument
 
@@ -309,7 +309,7 @@ class TorchBackend:
         return out
 
     def execute(self, items: list[Item]) -> list[dict[str, np.ndarray]]:
-        parts = [item_rows(item, self.encoder, self.max_seq_length) for item in items]
+        parts = batch_rows(items, self.encoder, self.max_seq_length)
         ids, mask = join_rows(parts)
         # An id outside the vocabulary is a device-side assert on CUDA, which poisons the
         # process's CUDA context for every later batch; refuse it here instead.
