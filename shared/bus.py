@@ -151,19 +151,24 @@ class Bus:
         while True:
             attempt += 1
             try:
-                nc = await nats.connect(
-                    urls,
-                    name=name,
-                    connect_timeout=2,
-                    reconnect_time_wait=0.5,
-                    # Fail the first connect fast so this loop logs and backs off; once
-                    # connected, reconnect forever (set below).
-                    max_reconnect_attempts=1,
-                    reconnected_cb=reconnected,
-                    disconnected_cb=disconnected,
-                    error_cb=error_cb,
-                    allow_reconnect=True,
-                    **(auth.options() if auth else {}),
+                # nats-py can keep retrying a TLS handshake failure on its own; the
+                # timeout keeps this loop (and its one-line log) in charge.
+                nc = await asyncio.wait_for(
+                    nats.connect(
+                        urls,
+                        name=name,
+                        connect_timeout=2,
+                        reconnect_time_wait=0.5,
+                        # Fail the first connect fast so this loop logs and backs off; once
+                        # connected, reconnect forever (set below).
+                        max_reconnect_attempts=1,
+                        reconnected_cb=reconnected,
+                        disconnected_cb=disconnected,
+                        error_cb=error_cb,
+                        allow_reconnect=True,
+                        **(auth.options() if auth else {}),
+                    ),
+                    timeout=2 * 2 * max(1, len(urls)) + 2,
                 )
                 nc.options["max_reconnect_attempts"] = -1
                 return cls(nc, name, link)

@@ -69,15 +69,43 @@ def parse_response(reply: router_pb2.InferResponse) -> Result:
     )
 
 
+def _options(max_message_bytes: int, server_name: str) -> list[tuple[str, object]]:
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return opts
+
+
+def credentials(
+    tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a mesh with TLS (CA to trust; cert+key for mTLS), else None."""
+    if not (tls_ca or tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert
+    )
+
+
 class Client:
     """A blocking client over one channel (thread-safe, as grpc channels are)."""
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        opts = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channel = grpc.insecure_channel(target, options=opts)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        creds: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
+        opts = _options(max_message_bytes, server_name)
+        self._channel = (
+            grpc.secure_channel(target, creds, options=opts)
+            if creds
+            else grpc.insecure_channel(target, options=opts)
+        )
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def infer(
@@ -111,12 +139,19 @@ class Client:
 class AsyncClient:
     """The asyncio client (grpc.aio) for load generators and services."""
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        opts = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channel = grpc.aio.insecure_channel(target, options=opts)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        creds: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
+        opts = _options(max_message_bytes, server_name)
+        self._channel = (
+            grpc.aio.secure_channel(target, creds, options=opts)
+            if creds
+            else grpc.aio.insecure_channel(target, options=opts)
+        )
         self.stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def infer(

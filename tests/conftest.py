@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class NatsServer:
     """A nats-server (JetStream) on a free loopback port, restartable on the same port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_conf: str = "") -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.extra_conf = extra_conf
         self.child: Child | None = None
 
     @property
@@ -25,7 +26,9 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.child = start_nats(self.data_dir, self.port, self.data_dir / "logs")
+        self.child = start_nats(
+            self.data_dir, self.port, self.data_dir / "logs", self.extra_conf
+        )
 
     def stop(self) -> None:
         if self.child is not None:

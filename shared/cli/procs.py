@@ -84,7 +84,7 @@ class Child:
         self.metrics_port = int(env.get("INFERMESH_METRICS_PORT", "0") or 0)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             argv,
             env=env,
@@ -92,7 +92,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+            preexec_fn=_die_with_parent,
         )
 
     @property
@@ -125,8 +125,11 @@ class Child:
             return ""
 
 
-def start_nats(data_dir: Path, port: int, logs: Path) -> Child:
-    """nats-server with JetStream, data under data_dir/nats, on 127.0.0.1:port."""
+def start_nats(data_dir: Path, port: int, logs: Path, extra_conf: str = "") -> Child:
+    """nats-server with JetStream, data under data_dir/nats, on 127.0.0.1:port.
+
+    extra_conf is appended to the config file (authorization, tls blocks).
+    """
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     # A config file: max_payload has no command-line flag. 8 MiB fits a batch of vectors.
@@ -134,7 +137,7 @@ def start_nats(data_dir: Path, port: int, logs: Path) -> Child:
     conf.write_text(
         f"listen: 127.0.0.1:{port}\n"
         f"max_payload: {8 * 1024 * 1024}\n"
-        f'jetstream {{ store_dir: "{store}" }}\n'
+        f'jetstream {{ store_dir: "{store}" }}\n' + extra_conf
     )
     argv = [nats_server_binary(), "-c", str(conf)]
     child = Child("nats", argv, dict(os.environ), logs / "nats.log")

@@ -61,7 +61,9 @@ class Running:
 
 
 async def start_worker(nats_url: str, tmp: Path, **extra: Any) -> Running:
-    return await Running(InferenceWorker(from_env(WorkerConfig, common(nats_url, tmp, **extra)))).start()
+    return await Running(
+        InferenceWorker(from_env(WorkerConfig, common(nats_url, tmp, **extra)))
+    ).start()
 
 
 async def start_retrieval(nats_url: str, tmp: Path, **extra: Any) -> Running:
@@ -79,13 +81,13 @@ async def start_router(nats_url: str, tmp: Path, **extra: Any) -> Running:
 
 
 @asynccontextmanager
-async def echo_mesh(nats_url: str, tmp: Path) -> AsyncIterator[dict[str, Running]]:
-    """Router + batcher + inference worker (echo), ready to serve."""
+async def echo_mesh(nats_url: str, tmp: Path, **extra: Any) -> AsyncIterator[dict[str, Running]]:
+    """Router + batcher + inference worker (echo), ready to serve (extra: INFERMESH_* settings)."""
     parts: dict[str, Running] = {}
     try:
-        parts["worker"] = await start_worker(nats_url, tmp)
-        parts["batcher"] = await start_batcher(nats_url, tmp)
-        parts["router"] = await start_router(nats_url, tmp)
+        parts["worker"] = await start_worker(nats_url, tmp, **extra)
+        parts["batcher"] = await start_batcher(nats_url, tmp, **extra)
+        parts["router"] = await start_router(nats_url, tmp, **extra)
         yield parts
     finally:
         for name in ("router", "batcher", "worker"):
