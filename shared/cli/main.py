@@ -61,6 +61,9 @@ def up(
     data_dir: DataDir = Path(".infermesh"),
     router_port: Annotated[int, typer.Option(help="Router port; 0 = a free one.")] = 0,
     sample: Annotated[bool, typer.Option(help="Answer one sample request after start.")] = True,
+    demo: Annotated[
+        bool, typer.Option(help="Load the demo collection 'stdlib' if missing; search it.")
+    ] = True,
     exit_after_start: Annotated[
         bool, typer.Option("--exit-after-start", help="Stop right after the sample (smoke test).")
     ] = False,
@@ -77,6 +80,8 @@ def up(
         console.print(f"  nats {mesh.nats_url}; logs in {mesh.logs}")
         if sample:
             _sample(mesh.router_address)
+        if demo:
+            _demo(mesh.router_address, data_dir)
         if not exit_after_start:
             console.print("serving; press Ctrl-C to stop")
             while not stop.wait(0.5):
@@ -112,6 +117,99 @@ def _sample(router: str) -> None:
         f"in {t.total_ms:.1f} ms (queue {t.queue_ms:.2f} ms, exec {t.exec_ms:.2f} ms, "
         f"worker {t.worker})"
     )
+
+
+def _demo(router: str, data_dir: Path) -> None:
+    from rich.progress import Progress
+
+    from shared.cli.demo import COLLECTION, SAMPLE_QUERY, ensure_demo
+    from shared.client import Client
+    from shared.errors import RPCError
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("demo collection", total=None)
+        try:
+            n, loaded = ensure_demo(
+                router,
+                data_dir,
+                on_status=lambda s: progress.update(task, description=s),
+                on_start=lambda total: progress.update(
+                    task, total=total, completed=0, description="embedding stdlib docstrings"
+                ),
+                on_progress=lambda rows: progress.advance(task, rows),
+            )
+        except RPCError as exc:
+            raise MeshError(f"demo collection: {exc.message}") from None
+    console.print(
+        f"demo collection [bold]{COLLECTION}[/]: {n} stdlib docstrings "
+        + ("loaded" if loaded else "(cached)")
+    )
+    with Client(router) as client:
+        try:
+            result = client.infer(
+                pipeline="search", texts=[SAMPLE_QUERY], collection=COLLECTION, k=5, timeout=30
+            )
+        except RPCError as exc:
+            raise MeshError(f"sample search failed: {exc.status.name}: {exc.message}") from None
+    table = Table(title=f"search(collection={COLLECTION}, text={SAMPLE_QUERY!r})")
+    for col in ("score", "document"):
+        table.add_column(col)
+    for h in result.hits[0]:
+        table.add_row(f"{h.score:.3f}", h.text[:110])
+    console.print(table)
+    steps = ", ".join(f"{t.step} {t.total_ms:.1f} ms" for t in result.timings)
+    console.print(f"  {steps}")
+
+
+@app.command()
+def ingest(
+    collection: Annotated[str, typer.Argument(help="Collection to load (created if missing).")],
+    file: Annotated[Path, typer.Argument(help=".npy vectors (n x dim) or .jsonl texts.")],
+    ids: Annotated[
+        Path | None, typer.Option("--ids", help=".npy int ids for .npy input (default 0..n-1).")
+    ] = None,
+    dim: Annotated[
+        int, typer.Option(help="Dimension when creating (default: the file's; 384 for text).")
+    ] = 0,
+    nlist: Annotated[int, typer.Option(help="IVF lists when creating (0 = ~sqrt(n)).")] = 0,
+    metric: Annotated[str, typer.Option(help="ip or l2, when creating.")] = "ip",
+    dtype: Annotated[str, typer.Option(help="float32 or float16 storage, when creating.")] = (
+        "float32"
+    ),
+    batch: Annotated[int, typer.Option(help="Rows per Upsert (0 = 20000 vectors/256 texts).")] = 0,
+    router: Annotated[str, typer.Option(help="Router address; default: the local mesh.")] = "",
+    data_dir: DataDir = Path(".infermesh"),
+) -> None:
+    """Load vectors (.npy) or texts (.jsonl: text, id, metadata) into a collection, durably."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from shared.cli.ingest import TEXT_DIM, IngestError, batches
+    from shared.cli.ingest import ingest as run_ingest
+    from shared.errors import RPCError
+
+    address = router or _router_default(data_dir)
+    try:
+        if dim:
+            _, file_dim, _ = batches(file, ids, 1)
+            if file.suffix == ".npy" and dim != file_dim:
+                raise IngestError(f"--dim {dim} disagrees with {file} (dim {file_dim})")
+            if file.suffix == ".jsonl" and dim != TEXT_DIM:
+                raise IngestError(f"texts embed to dim {TEXT_DIM}; --dim {dim} cannot hold them")
+        with Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=console,
+        ) as progress:
+            task = progress.add_task(f"ingest {file.name} -> {collection}", total=None)
+            count, seq = run_ingest(
+                address, collection, file, ids_path=ids, nlist=nlist, metric=metric,
+                dtype=dtype, rows_per_batch=batch,
+                on_start=lambda n: progress.update(task, total=n),
+                on_progress=lambda rows: progress.advance(task, rows),
+            )
+    except (IngestError, RPCError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"ingested [bold]{count}[/] rows into {collection} (durable through stream "
+                  f"seq {seq}; searchable once the retrieval workers apply it)")
 
 
 @app.command()
