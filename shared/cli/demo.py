@@ -115,6 +115,12 @@ def ensure_demo(
     client = Ingester(router)
     try:
         info = client.describe(COLLECTION)
+        deadline = time.monotonic() + 60.0
+        while info is not None and not info.workers and time.monotonic() < deadline:
+            # Declared but no worker has caught up yet (replaying after a restart): wait.
+            on_status("waiting for the retrieval worker to open the demo collection")
+            time.sleep(0.2)
+            info = client.describe(COLLECTION)
         if info is not None and info.count > 0:
             return int(info.count), False
         on_status("building the stdlib docstring corpus")
