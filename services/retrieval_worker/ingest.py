@@ -13,8 +13,8 @@ already seen are ignored by their sequence, so replaying too much is harmless.
 Flushes (fsync + manifest) run when the stream has nothing more for us, when ``flush_rows``
 rows are pending, or ``flush_interval_s`` after the first unflushed message, whichever comes
 first. An untrained collection trains on its first ``max(39 * nlist, 1000)`` rows (the engine's
-rule); a smaller collection trains on what it has once the stream is idle and at least
-``nlist`` rows arrived, so small collections become searchable too.
+rule); a smaller collection trains on what it has once the stream stayed quiet for
+``QUIET_S`` and at least ``nlist`` rows arrived, so small collections become searchable too.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: NATS trouble that ends one subscription; the loop subscribes again from the manifest.
 _NATS_TROUBLE = (nats.errors.Error, OSError, TimeoutError)
+#: How long the stream must stay quiet before a small untrained collection trains anyway.
+QUIET_S = 2.0
 
 
 class IngestApplier:
@@ -120,6 +122,7 @@ class IngestApplier:
     async def _consume(self, sub: object, generation: int) -> None:
         unacked: Msg | None = None
         last_seq = 0
+        idle_since = time.monotonic()
         while self._bus.generation == generation and not self._held.dropped:
             try:
                 msgs: list[Msg] = await sub.fetch(self._fetch, timeout=0.25)  # type: ignore[attr-defined]
@@ -133,13 +136,19 @@ class IngestApplier:
                 self._unflushed_rows += rows
                 unacked = msgs[-1]
             idle = not msgs or msgs[-1].metadata.num_pending == 0
+            if msgs:
+                idle_since = time.monotonic()
+            # Idle training only once the stream stayed quiet: a bulk load in progress
+            # pauses between requests, and training on its first chunk would hurt recall.
+            quiet = not msgs and time.monotonic() - idle_since >= QUIET_S
             due = unacked is not None and (
                 idle
+                or quiet
                 or self._unflushed_rows >= self._flush_rows
                 or time.monotonic() - self._unflushed_since >= self._interval
             )
             if due and unacked is not None:
-                if await asyncio.to_thread(self._flush, last_seq, idle):
+                if await asyncio.to_thread(self._flush, last_seq, quiet):
                     await unacked.ack()
                     unacked = None
                     self._unflushed_rows = 0
@@ -176,7 +185,7 @@ class IngestApplier:
                 log.error("collection %s: skipping stream message %d: %s", self.name, seq, exc)
         return rows
 
-    def _flush(self, seq: int, idle: bool) -> bool:
+    def _flush(self, seq: int, quiet: bool) -> bool:
         """Commit what is pending through ``seq``; False while too few rows to train on."""
         col = self._held.collection
         if col.flush(seq):
@@ -184,7 +193,7 @@ class IngestApplier:
                 self._sample.clear()
                 self._sample_rows = 0
             return True
-        if col.trained or not idle or self._sample_rows < col.spec.nlist:
+        if col.trained or not quiet or self._sample_rows < col.spec.nlist:
             return col.last_applied_seq >= seq
         # A small collection: the stream is idle and the engine's rule will not be met soon.
         col.train(np.concatenate(self._sample))
