@@ -26,7 +26,7 @@ from typing import Literal
 
 import msgspec
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from opentelemetry import trace
 
 from services.batcher import control_law as law
@@ -80,7 +80,7 @@ class LeaderLease:
         now = time.time()
         try:
             entry = await kv.get(self._key)
-        except KeyNotFoundError:  # also a deleted key (KeyDeletedError subclasses it)
+        except (KeyNotFoundError, KeyDeletedError):  # never taken, or released
             entry = None
         try:
             if entry is None or not entry.value:
