@@ -82,7 +82,7 @@ def rate_at(t: float, duration: float, base: float, peak: float) -> float:
 def arrivals(duration: float, base: float, peak: float, seed: int) -> list[float]:
     """Poisson arrival times for the trace (thinning of a peak-rate process)."""
     rng = random.Random(seed)
-    t, out = 0.0, []
+    t, out = 0.0, list[float]()
     while True:
         t += rng.expovariate(peak)
         if t >= duration:
