@@ -7,6 +7,7 @@ extracted on consume, so a span started from an event joins the trace that cause
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -246,5 +247,8 @@ class Bus:
         self._link.closing = True
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
-        except (TimeoutError, nats.errors.ConnectionClosedError):
-            await self.nc.close()
+        except (TimeoutError, nats.errors.Error, OSError):
+            # NATS unreachable at shutdown (reconnecting, reset): nothing left to drain to;
+            # close the client's side without raising, so the rest of the shutdown runs.
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await self.nc.close()
