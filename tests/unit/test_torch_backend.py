@@ -148,3 +148,139 @@ def test_gpu_fp16_matches_sentence_transformers_to_cosine_0_999(
     (out,) = backend.execute([Item(texts=sentences)])
     assert out["embedding"].dtype == np.float32
     assert worst_cosine(out["embedding"], reference["embeddings"]) >= 0.999
+
+
+# --- shape buckets, CUDA graphs, threads ----------------------------------------------------
+
+needs_cuda_graphs = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU: CUDA graphs are captured only on a GPU (bench/gpu_inference.py "
+    "runs these paths on the GPU host)",
+)
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The weather is cold today, with a strong wind from the north and rain by evening.",
+    "hi",
+    "Vector search partitions a collection into inverted lists and probes a few of them.",
+    "Dynamic batching trades a little queueing delay for much larger batches.",
+]
+
+
+@pytest.fixture(scope="module")
+def bucketed_backend() -> TorchBackend:
+    return TorchBackend({"device": "cpu", "buckets": True}, threads=2)
+
+
+def test_a_size_is_rounded_up_to_the_smallest_bucket_that_holds_it() -> None:
+    from services.inference_worker.backends.torch_backend import BATCH_BUCKETS, bucket_of
+
+    assert bucket_of(1, BATCH_BUCKETS) == 1
+    assert bucket_of(3, BATCH_BUCKETS) == 4
+    assert bucket_of(32, BATCH_BUCKETS) == 32
+    assert bucket_of(33, BATCH_BUCKETS) == 64
+    assert bucket_of(BATCH_BUCKETS[-1] + 1, BATCH_BUCKETS) is None
+
+
+def test_a_batch_is_padded_to_row_and_token_buckets_capped_by_max_seq_length(
+    bucketed_backend: TorchBackend,
+) -> None:
+    assert bucketed_backend.bucket(3, 20) == (4, 32)
+    assert bucketed_backend.bucket(32, 32) == (32, 32)
+    # Past the largest row bucket the rows stay as they are (that batch runs eagerly).
+    assert bucketed_backend.bucket(5000, 200) == (5000, 256)
+    small = TorchBackend(
+        {"device": "cpu", "buckets": True, "max_seq_length": 100, "max_graph_rows": 64}, threads=2
+    )
+    assert small.seq_buckets == (16, 32, 64, 100)
+    assert small.bucket(65, 70) == (65, 100)
+
+
+def test_bucketing_pads_rows_and_tokens_without_changing_any_embedding(
+    cpu_backend: TorchBackend, bucketed_backend: TorchBackend
+) -> None:
+    assert not cpu_backend.bucketing and bucketed_backend.bucketing
+    # 5 rows of up to ~20 tokens run as [8, 32]: 3 padded rows, padded positions in each.
+    items = [Item(texts=[t]) for t in SENTENCES]
+    plain = cpu_backend.execute(items)
+    padded = bucketed_backend.execute(items)
+    for got, want in zip(padded, plain, strict=True):
+        assert got["embedding"].shape == (1, 384)
+        np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+
+
+def test_the_fast_tokenizer_path_gives_the_ids_of_the_model_tokenizer(
+    cpu_backend: TorchBackend, reference: dict[str, np.ndarray]
+) -> None:
+    from services.inference_worker.text import TextEncoder
+
+    assert cpu_backend.encoder is not None
+    sentences = [str(s) for s in reference["sentences"]]
+    plain = TextEncoder(cpu_backend.model_files)
+    fast_ids, fast_mask = cpu_backend.encoder.encode(sentences)
+    ids, mask = plain.encode(sentences)
+    np.testing.assert_array_equal(fast_ids, ids)
+    np.testing.assert_array_equal(fast_mask, mask)
+
+
+def test_two_threads_executing_at_once_each_get_their_own_embeddings(
+    bucketed_backend: TorchBackend,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[Item(texts=[t]) for t in SENTENCES[i:] + SENTENCES[:i]] for i in range(4)]
+    expected = [bucketed_backend.execute(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Each batch many times, interleaved: a shared buffer or a race would mix rows.
+        futures = [pool.submit(bucketed_backend.execute, batches[i % 4]) for i in range(24)]
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        for g, w in zip(got, expected[i % 4], strict=True):
+            np.testing.assert_allclose(g["embedding"], w["embedding"], atol=1e-5)
+
+
+def test_cuda_graphs_are_ignored_on_cpu_so_one_config_serves_both() -> None:
+    backend = TorchBackend({"device": "cpu", "cuda_graphs": True}, threads=2)
+    assert not backend.cuda_graphs and not backend.bucketing and backend.graphs == {}
+
+
+def test_cuda_graphs_and_torch_compile_together_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="set one"):
+        TorchBackend({"device": "cpu", "cuda_graphs": True, "compile": True}, threads=2)
+
+
+@needs_cuda_graphs
+def test_a_cuda_graph_is_captured_once_per_bucket_and_matches_eager_execution() -> None:
+    eager = TorchBackend({"fp16": True, "cuda_graphs": False})
+    graphed = TorchBackend({"fp16": True, "cuda_graphs": True, "max_graphs": 3})
+    assert graphed.cuda_graphs and graphed.bucketing and not eager.bucketing
+    captured = len(graphed.graphs)  # the warm-up batch's bucket
+    items = [Item(texts=[t]) for t in SENTENCES]
+    for _ in range(3):
+        for got, want in zip(graphed.execute(items), eager.execute(items), strict=True):
+            assert worst_cosine(got["embedding"], want["embedding"]) >= 0.9999
+    assert len(graphed.graphs) == captured + 1  # [8, 32], reused on the 2nd and 3rd call
+    # Past max_graphs new buckets run eagerly, still correct.
+    for n in (1, 20, 40):
+        batch = [Item(texts=[SENTENCES[i % 5]]) for i in range(n)]
+        for got, ref in zip(graphed.execute(batch), eager.execute(batch), strict=True):
+            assert worst_cosine(got["embedding"], ref["embedding"]) >= 0.9999
+    assert len(graphed.graphs) == 3
+    graphed.close()
+    eager.close()
+
+
+@needs_cuda_graphs
+def test_two_threads_replaying_cuda_graphs_at_once_each_get_their_own_embeddings() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = TorchBackend({"fp16": True, "cuda_graphs": True})
+    batches = [[Item(texts=[t]) for t in SENTENCES[i:] + SENTENCES[:i]] for i in range(4)]
+    expected = [backend.execute(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(backend.execute, batches[i % 4]) for i in range(200)]
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        for g, w in zip(got, expected[i % 4], strict=True):
+            np.testing.assert_array_equal(g["embedding"], w["embedding"])
+    backend.close()
