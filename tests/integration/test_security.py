@@ -8,15 +8,13 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from tests_support import eventually
+from tests_support import NatsServer, eventually
 
 from shared.bus import Bus, NatsAuth
 from shared.client import AsyncClient, credentials
 from shared.errors import RPCError
 
 from .mesh import echo_mesh
-
-from conftest import NatsServer  # noqa: I001 - the fixture module, on sys.path via pytest
 
 
 @pytest.fixture
@@ -99,7 +97,7 @@ def nats_with_password(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 async def test_nats_user_and_password_are_required_and_used(nats_with_password) -> None:
-    with pytest.raises(ConnectionError, match="(?i)authorization"):
+    with pytest.raises(ConnectionError, match=r"(?i)authorization"):
         await Bus.connect(nats_with_password.url, name="intruder", attempts=1)
     bus = await Bus.connect(
         nats_with_password.url, name="ok", attempts=2, auth=NatsAuth(user="mesh", password="s3cret")
