@@ -71,16 +71,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -90,6 +91,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            if isinstance(request, Malformed):
+                metrics.observe_request(service, method, "", "INVALID_ARGUMENT", start)
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, request.message, ((ORIGIN_KEY, service),)
+                )
             target = _target_of(request)
             try:
                 response = await fn(request, context)
@@ -111,9 +117,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         service = self._service
 
         async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            malformed: list[Malformed] = []
+
+            async def parsed() -> Any:
+                # The handler sees the stream end at the first unparsable message; the
+                # stream is then answered INVALID_ARGUMENT once its answers so far are out.
+                async for request in requests:
+                    if isinstance(request, Malformed):
+                        malformed.append(request)
+                        return
+                    yield request
+
             try:
-                async for response in fn(requests, context):
+                async for response in fn(parsed(), context):
                     yield response
+                if malformed:
+                    metrics.observe_request(
+                        service, method, "", "INVALID_ARGUMENT", time.perf_counter()
+                    )
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed[0].message)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -124,6 +146,31 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, message_of(exc))
 
         return wrapped
+
+
+class Malformed:
+    """A request whose bytes did not parse as the method's message type."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """deserializer, returning Malformed instead of raising on bytes that do not parse.
+
+    grpc answers a deserializer's exception with UNKNOWN; garbage from a caller is bad input
+    (INVALID_ARGUMENT), and the handler wrappers answer it so, naming the message type.
+    """
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError (and any parser's own error)
+            return Malformed(f"request is not a valid message: {message_of(exc)}")
+
+    return parse
 
 
 def _target_of(request: Any) -> str:

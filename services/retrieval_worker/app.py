@@ -25,7 +25,7 @@ from services.retrieval_worker.config import RetrievalConfig
 from services.retrieval_worker.handlers import RetrievalWorkerServicer
 from services.retrieval_worker.holdings import Held, Holdings, same_spec, spec_of
 from services.retrieval_worker.ingest import IngestApplier
-from shared.errors import AlreadyExists, NotFound
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.events import INGEST_STREAM, Member, encode
 from shared.ingestlog import (
     COLLECTIONS_BUCKET,
@@ -148,7 +148,14 @@ class RetrievalWorker(Service):
                     log.error("collection %s is declared with another spec than the one held "
                               "here; serving the copy held here", name)
                 continue
-            held, created = await asyncio.to_thread(self.holdings.create, decl)
+            try:
+                held, created = await asyncio.to_thread(self.holdings.create, decl)
+            except InvalidArgument as exc:
+                # A bad record (written by an older or foreign writer) must not stop the
+                # worker that follows it: it stays unserved and says why.
+                log.error("collection %s is declared with a bad spec, not created: %s",
+                          name, exc.message)
+                continue
             if created:
                 log.info("created collection %s (dim %d, nlist %d) as declared in the mesh",
                          name, decl.dim, decl.nlist)
@@ -157,6 +164,9 @@ class RetrievalWorker(Service):
     async def declare(self, decl: CollectionDeclared) -> Held:
         """CreateCollection: declare in the KV (create-only), then create here."""
         assert self.bus is not None
+        # Check the whole spec before the KV write: a declaration other workers cannot open
+        # must never reach the bucket they all follow.
+        spec_of(decl)
         info = await self.bus.js.stream_info(INGEST_STREAM)
         decl = msgspec.structs.replace(decl, start_seq=int(info.state.last_seq))
         try:

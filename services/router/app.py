@@ -76,6 +76,7 @@ class Router(Service):
             self.cfg.embed_chunk,
             self.channels,
             self.cfg.default_timeout_ms / 1000.0,
+            self.cfg.max_nats_payload,
         )
         collections_pb2_grpc.add_CollectionsServicer_to_server(self.admin, server)
         kserve = KServeServicer(

@@ -84,8 +84,12 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
         embed_chunk: int,
         channels: rpc.Channels,
         default_timeout_s: float,
+        max_payload: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._bus = bus
+        #: Largest ingest message this router writes (config max_nats_payload); the server's
+        #: own max_payload caps it too.
+        self._max_payload = max_payload
         self._members = members
         self._pipelines = pipelines
         self._embed_model = embed_model
@@ -200,7 +204,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
                 json.dumps({"text": texts[i] if texts else "", "metadata": metadata[i]}).encode()
                 for i in range(n)
             ]
-        limit = min(MAX_MESSAGE_BYTES, self._bus.nc.max_payload)
+        limit = min(self._max_payload, self._bus.nc.max_payload)
         messages = chunk_upsert(decl.name, ids, vectors, payloads, limit)
         seqs = await append(self._bus.js, decl.name, messages)
         return collections_pb2.IngestResponse(
@@ -220,7 +224,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
     ) -> collections_pb2.IngestResponse:
         decl = self._pipelines.collection(request.collection)
         ids = _ids(request.ids)
-        limit = min(MAX_MESSAGE_BYTES, self._bus.nc.max_payload)
+        limit = min(self._max_payload, self._bus.nc.max_payload)
         seqs = await append(self._bus.js, decl.name, chunk_delete(decl.name, ids, limit))
         return collections_pb2.IngestResponse(
             seq=seqs[-1], first_seq=seqs[0], count=ids.size, messages=len(seqs)
