@@ -46,6 +46,18 @@ class Pending:
     deadline: float = field(compare=False)  # time.monotonic(); inf = none
     span_context: SpanContext | None = field(default=None, compare=False)
     dispatched: float = field(default=0.0, compare=False)
+    rows: int = field(default=1, compare=False)
+    """Samples this request adds to a batch (texts, or the batch dimension of its tensors)."""
+
+
+def row_count(item: common_pb2.WorkItem) -> int:
+    """How many samples a request carries: batch sizes count samples, as in Triton."""
+    if item.texts:
+        return len(item.texts)
+    for t in item.inputs:
+        if t.shape:
+            return max(1, int(t.shape[0]))
+    return 1
 
 
 @dataclass
@@ -77,6 +89,7 @@ class TargetQueue:
         self._arrived = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._first_arrival = 0.0
+        self._rows = 0
         self.inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -105,14 +118,17 @@ class TargetQueue:
             enqueued=now,
             deadline=deadline,
             span_context=current_context(),
+            rows=row_count(item),
         )
         heapq.heappush(self._heap, pending)
+        self._rows += pending.rows
         metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
         self._arrived.set()
         return pending
 
     def _ready_size(self) -> int:
-        n = len(self._heap)
+        # Sizes are in samples (rows), not requests: a request of 32 texts fills 32.
+        n = self._rows
         p = self.policy
         if n >= p.max_batch_size:
             return p.max_batch_size
@@ -155,25 +171,32 @@ class TargetQueue:
         size = self._ready_size() or self.policy.max_batch_size
         now = time.monotonic()
         batch: list[Pending] = []
-        while self._heap and len(batch) < size:
+        rows = 0
+        while self._heap and rows < size:
+            if batch and rows + self._heap[0].rows > size:
+                break  # the next request would overfill the batch: it leads the next one
             p = heapq.heappop(self._heap)
+            self._rows -= p.rows
             if p.future.done():  # caller gone or timed out: never execute it
                 continue
             if p.deadline <= now:
                 p.future.set_exception(
-                    DeadlineExceeded(f"deadline passed after {(now - p.enqueued) * 1e3:.1f} ms "
-                                     f"in the queue for {self.target!r}")
+                    DeadlineExceeded(
+                        f"deadline passed after {(now - p.enqueued) * 1e3:.1f} ms "
+                        f"in the queue for {self.target!r}"
+                    )
                 )
                 continue
             p.dispatched = now
             batch.append(p)
+            rows += p.rows
         self._first_arrival = min((p.enqueued for p in self._heap), default=now)
         metrics.QUEUE_DEPTH.labels(self.target).set(len(self._heap))
         return batch
 
     def _start(self, batch: list[Pending]) -> None:
         self.inflight += 1
-        metrics.BATCH_SIZE.labels(self.target).observe(len(batch))
+        metrics.BATCH_SIZE.labels(self.target).observe(sum(p.rows for p in batch))
         task = asyncio.get_running_loop().create_task(self._dispatch(self.target, batch))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -187,5 +210,6 @@ class TargetQueue:
         """Answer every queued request with exc (shutdown)."""
         while self._heap:
             p = heapq.heappop(self._heap)
+            self._rows -= p.rows
             if not p.future.done():
                 p.future.set_exception(exc)

@@ -99,7 +99,11 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
                 )
         exec_ms = (time.perf_counter() - start) * 1000.0
         if items:
-            self._observe(model.spec.name, len(items), request.queue_ms, exec_ms)
+            # The controller fits exec time against samples, as the batcher counts them.
+            rows = sum(
+                len(it.texts) or next((len(a) for a in it.inputs.values()), 1) for it in items
+            )
+            self._observe(model.spec.name, rows, request.queue_ms, exec_ms)
         return inference_worker_pb2.ExecuteResponse(
             results=results, exec_ms=exec_ms, worker=self.worker
         )

@@ -110,6 +110,7 @@ def ensure_demo(
     on_start: Callable[[int], None],
     on_progress: Callable[[int], None],
     timeout: float = 600.0,
+    limit: int = DEMO_DOCS,
 ) -> tuple[int, bool]:
     """Load the demo collection unless it is there; (documents, loaded now)."""
     client = Ingester(router)
@@ -124,7 +125,7 @@ def ensure_demo(
         if info is not None and info.count > 0:
             return int(info.count), False
         on_status("building the stdlib docstring corpus")
-        path = build_file(data_dir / "demo" / "stdlib.jsonl")
+        path = build_file(data_dir / "demo" / f"stdlib-{limit}.jsonl", limit)
         n, _ = ingest(router, COLLECTION, path, nlist=64, on_start=on_start,
                       on_progress=on_progress)
         on_status("waiting for the retrieval worker to index the demo collection")

@@ -64,6 +64,9 @@ def up(
     demo: Annotated[
         bool, typer.Option(help="Load the demo collection 'stdlib' if missing; search it.")
     ] = True,
+    demo_docs: Annotated[
+        int, typer.Option(help="Cap on demo documents (fewer load faster).")
+    ] = 4000,
     exit_after_start: Annotated[
         bool, typer.Option("--exit-after-start", help="Stop right after the sample (smoke test).")
     ] = False,
@@ -81,7 +84,7 @@ def up(
         if sample:
             _sample(mesh.router_address)
         if demo:
-            _demo(mesh.router_address, data_dir)
+            _demo(mesh.router_address, data_dir, demo_docs)
         if not exit_after_start:
             console.print("serving; press Ctrl-C to stop")
             while not stop.wait(0.5):
@@ -119,7 +122,7 @@ def _sample(router: str) -> None:
     )
 
 
-def _demo(router: str, data_dir: Path) -> None:
+def _demo(router: str, data_dir: Path, limit: int) -> None:
     from rich.progress import Progress
 
     from shared.cli.demo import COLLECTION, SAMPLE_QUERY, ensure_demo
@@ -137,6 +140,7 @@ def _demo(router: str, data_dir: Path) -> None:
                     task, total=total, completed=0, description="embedding stdlib docstrings"
                 ),
                 on_progress=lambda rows: progress.advance(task, rows),
+                limit=limit,
             )
         except RPCError as exc:
             raise MeshError(f"demo collection: {exc.message}") from None
@@ -205,6 +209,7 @@ def ingest(
                 dtype=dtype, rows_per_batch=batch,
                 on_start=lambda n: progress.update(task, total=n),
                 on_progress=lambda rows: progress.advance(task, rows),
+                limit=limit,
             )
     except (IngestError, RPCError) as exc:
         raise fail(str(exc)) from None

@@ -60,7 +60,7 @@ class Output:
 def mesh_up(tmp_path: Path):
     env = dict(os.environ, COLUMNS="200", TERM="dumb")
     proc = subprocess.Popen(
-        [*INFERMESH, "up", "--data-dir", str(tmp_path)],
+        [*INFERMESH, "up", "--data-dir", str(tmp_path), "--no-demo"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -149,3 +149,19 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in reply.stderr
     assert reply.stderr.strip().startswith("error: UNAVAILABLE")
     assert len(reply.stderr.strip().splitlines()) == 1
+
+
+def test_up_loads_the_demo_collection_and_answers_a_text_search(tmp_path: Path) -> None:
+    env = dict(os.environ, COLUMNS="200", TERM="dumb")
+    args = [*INFERMESH, "up", "--data-dir", str(tmp_path), "--demo-docs", "300",
+            "--exit-after-start"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "stdlib docstrings loaded" in first.stdout
+    # The sample question about command-line arguments finds argparse or getopt first.
+    hits = first.stdout.split("search(collection=stdlib", 1)[1]
+    top = next(line for line in hits.splitlines() if "0." in line and ":" in line)
+    assert "argparse" in top or "getopt" in top, hits[:1500]
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "(cached)" in second.stdout

@@ -146,3 +146,17 @@ async def test_a_full_queue_answers_resource_exhausted() -> None:
     q.submit(item(2), 0, INF)
     with pytest.raises(ResourceExhausted, match="full"):
         q.submit(item(3), 0, INF)
+
+
+async def test_batch_sizes_count_samples_not_requests() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    q = await run_queue(Policy(max_batch_size=8, max_delay_ms=0), rec)
+    q.submit(item(0), 0, INF)  # occupies the only slot
+    await eventually_sync(lambda: len(rec.batches) == 1)
+    for i in range(1, 5):  # four requests of 3 texts each = 12 samples
+        q.submit(common_pb2.WorkItem(request_id=str(i), texts=["a", "b", "c"]), 0, INF)
+    rec.release.set()
+    await eventually_sync(lambda: len(rec.batches) == 3)
+    assert rec.batches[1] == ["1", "2"]  # 6 samples; a third request would make 9 > 8
+    assert rec.batches[2] == ["3", "4"]
