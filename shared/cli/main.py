@@ -209,7 +209,6 @@ def ingest(
                 dtype=dtype, rows_per_batch=batch,
                 on_start=lambda n: progress.update(task, total=n),
                 on_progress=lambda rows: progress.advance(task, rows),
-                limit=limit,
             )
     except (IngestError, RPCError) as exc:
         raise fail(str(exc)) from None
@@ -299,7 +298,9 @@ def infer(
 
 @app.command()
 def status(
-    nats_url: Annotated[str, typer.Option("--nats", help="NATS URL; default: the local mesh.")] = "",
+    nats_url: Annotated[
+        str, typer.Option("--nats", help="NATS URL; default: the local mesh.")
+    ] = "",
     data_dir: DataDir = Path(".infermesh"),
 ) -> None:
     """Show members (service, endpoint, health, load) and batch policies, read from NATS."""
@@ -359,7 +360,9 @@ def status(
 def console_cmd(
     port: Annotated[int, typer.Option(help="HTTP port of the page.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    nats_url: Annotated[str, typer.Option("--nats", help="NATS URL; default: the local mesh.")] = "",
+    nats_url: Annotated[
+        str, typer.Option("--nats", help="NATS URL; default: the local mesh.")
+    ] = "",
     data_dir: DataDir = Path(".infermesh"),
 ) -> None:
     """Serve a live web page of the mesh: members, latency, batch policies, block tiers."""
