@@ -5,10 +5,14 @@ Three paths, 32-token inputs (fixed length), fp16 on a GPU:
 (a) raw torch: the torch backend's own ``MiniLM`` module called on input tensors already on
     the device (no tokenizing, no copies), at batch 1/32/256: the ceiling.
 (b) ``TorchBackend.execute()``: a batch of single-sentence items, as the batcher sends them,
-    tokenizing included, results copied back to host memory.
+    tokenizing included, results copied back to host memory; once with CUDA graphs per
+    shape bucket ("b backend.execute graphs") and once launching kernels eagerly ("b
+    backend.execute eager"). On CPU, where there are no graphs, the first row pads to the
+    same buckets instead.
 (c) gRPC: ``InferenceWorker.Execute`` served by the worker's own servicer in a grpc.aio
     server (a subprocess of this script, no NATS: a no-op publish), driven by a grpc.aio
-    client whose requests carry 32 texts, at concurrency 1/8/32.
+    client whose requests carry 32 texts, at concurrency 1/8/32; the backend's default
+    (CUDA graphs on a GPU) unless ``--no-cuda-graphs``.
 
 It prints a table, the GPU's name, and the ratios (b)/(a) and (c)/(a) at batch 32; the goal
 is mesh >= 0.5x raw torch at the same batch.
@@ -138,7 +142,21 @@ def backend_parameters(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"device": args.device, "fp16": args.fp16}
     if args.weights is not None:
         params["weights"] = str(args.weights)
+    if args.cuda_graphs is not None:
+        params["cuda_graphs"] = args.cuda_graphs
     return params
+
+
+def backend_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """Path (b)'s backends: CUDA graphs on and off (on CPU: shape buckets on and off)."""
+    params = backend_parameters(args)
+    params.pop("cuda_graphs", None)
+    if args.device.startswith("cuda"):
+        return [
+            ("graphs", {**params, "cuda_graphs": True}),
+            ("eager", {**params, "cuda_graphs": False}),
+        ]
+    return [("buckets", {**params, "buckets": True}), ("eager", params)]
 
 
 def make_texts(encoder: Any, n: int, seq: int, seed: int = 0) -> list[str]:
@@ -151,7 +169,7 @@ def make_texts(encoder: Any, n: int, seq: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def _throughput(
+def throughput(
     label: str, batch: int, call: Callable[[], object], sync: Callable[[], None], seconds: float
 ) -> dict[str, Any]:
     """Call repeatedly for about `seconds`; sentences/s and mean ms per call."""
@@ -204,24 +222,26 @@ def measure_local(
     from services.inference_worker.backends import Item
     from services.inference_worker.backends.torch_backend import TorchBackend
 
-    backend = TorchBackend(backend_parameters(args))
-    device = backend.device
+    backends = [(name, TorchBackend(params)) for name, params in backend_variants(args)]
+    first = backends[0][1]
+    device = first.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
-    notes = [reference_check(backend)]
-    print(notes[0], flush=True)
+    notes = [f"{reference_check(backend)} ({label})" for label, backend in backends]
+    print("\n".join(notes), flush=True)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    forwards: list[tuple[str, Callable[..., torch.Tensor]]] = [("a raw torch", backend.model)]
+    # Raw torch is the eager module of one backend: its weights, no tokenizing, no copies.
+    forwards: list[tuple[str, Callable[..., torch.Tensor]]] = [("a raw torch", first.model)]
     if args.compile:
         mode = None if args.compile == "default" else args.compile
         forwards.append(
-            (f"a raw torch.compile({args.compile})", torch.compile(backend.model, mode=mode))
+            (f"a raw torch.compile({args.compile})", torch.compile(first.model, mode=mode))
         )
     rows = []
-    vocab = backend.model.vocab_size
+    vocab = first.model.vocab_size
     for batch in args.batches:
         ids = torch.randint(1000, vocab, (batch, args.seq), device=device)
         mask = torch.ones_like(ids)
@@ -232,23 +252,31 @@ def measure_local(
 
             try:
                 with torch.inference_mode():
-                    rows.append(_throughput(label, batch, raw, sync, args.seconds))
+                    rows.append(throughput(label, batch, raw, sync, args.seconds))
             except Exception as exc:
-                if forward is backend.model:
+                if forward is first.model:
                     raise
                 # torch.compile is optional here (it needs triton and a C compiler): report
                 # why it failed and keep measuring the paths that matter.
                 notes.append(f"{label} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                 forwards.remove((label, forward))
         items = [Item(texts=[t]) for t in texts[:batch]]
+        for label, backend in backends:
 
-        def execute(i: list[Item] = items) -> object:
-            return backend.execute(i)
+            def execute(i: list[Item] = items, b: TorchBackend = backend) -> object:
+                return b.execute(i)
 
-        rows.append(_throughput("b backend.execute", batch, execute, sync, args.seconds))
-        print(table(rows[-len(forwards) - 1 :]), flush=True)
-    backend.close()
-    return rows, f"{name} ({device}, {str(backend.dtype).removeprefix('torch.')})", notes
+            rows.append(
+                throughput(f"b backend.execute {label}", batch, execute, sync, args.seconds)
+            )
+        print(table(rows[-len(forwards) - len(backends) :]), flush=True)
+    for label, backend in backends:
+        if backend.cuda_graphs:
+            shapes = ", ".join(f"{r}x{s}" for r, s in sorted(backend.graphs))
+            notes.append(f"backend {label}: {len(backend.graphs)} CUDA graphs captured ({shapes})")
+        backend.close()
+    dtype = str(first.dtype).removeprefix("torch.")
+    return rows, f"{name} ({device}, {dtype})", notes
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -327,6 +355,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int]:
     """The gRPC server subprocess (spawned fresh: a forked CUDA context is unusable)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--device", args.device]
     cmd += ["--fp16" if args.fp16 else "--no-fp16"]
+    if args.cuda_graphs is not None:
+        cmd += ["--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     if args.weights is not None:
         cmd += ["--weights", str(args.weights)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -367,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="half precision (default: on with a GPU)",
+    )
+    ap.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA graphs in the gRPC server's backend (default: the backend's, on with a GPU)",
     )
     ap.add_argument("--batches", default="1,32,256", help="batch sizes for (a) and (b)")
     ap.add_argument("--concurrency", default="1,8,32", help="client concurrency for (c)")

@@ -516,7 +516,9 @@ class TorchBackend:
         graph = torch.cuda.CUDAGraph()
         # One pool for every graph: replays never overlap (the lock) and each output is
         # copied out before the next replay, so they may reuse each other's scratch memory.
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: another model's backend in this worker may allocate on the device
+        # from its own thread meanwhile; that must fail neither its batch nor this capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.model(ids, mask)
         return _Graph(graph=graph, ids=ids, mask=mask, out=out)
 
