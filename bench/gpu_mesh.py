@@ -25,6 +25,14 @@ weights in ``.whl/minilm-fp16/`` and ``.whl/nats-server.gz`` (``--nats-server`` 
     PYTHONPATH=/tmp/deps python bench/gpu_mesh.py --weights .whl/minilm-fp16 \\
         --nats-server .whl/nats-server.gz --json "$OUT/gpu_mesh.json" --logs "$OUT/mesh-logs"
 
+Beyond ``bench/gpu_inference.py``'s six wheels the services import these (Python 3.12,
+project-locked versions; ``packaging`` also serves tritonclient, numpy and
+typing-extensions come with torch): nats-py 2.16.0, prometheus_client 0.26.0,
+opentelemetry-sdk 1.45.2, opentelemetry-semantic-conventions 0.66b2,
+opentelemetry-instrumentation 0.66b2, opentelemetry-instrumentation-grpc 0.66b2,
+wrapt 2.5.2, packaging 26.4, grpcio-health-checking 1.81.1, grpcio-reflection 1.81.1,
+tritonclient 2.73.0 (the router's KServe protobuf modules).
+
 Where ``ml_dtypes`` or ``rapidjson`` is missing (``tritonclient.grpc`` imports them; the router
 needs only tritonclient's KServe protobuf modules) a stand-in (``SHIMS``) goes on the
 services' PYTHONPATH and the output says so: their wheels would add 6.7 MB to the carry.
