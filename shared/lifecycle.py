@@ -63,6 +63,7 @@ class Service:
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._stopped = False
+        self._drained = False
         self._early: list[Coroutine[Any, Any, None]] = []
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -169,24 +170,36 @@ class Service:
 
     async def _wait_stop(self) -> None:
         await self._stopping.wait()
+        # Drain while the loops still run: requests already accepted are queued, batched and
+        # dispatched by those loops, and the member views stay live. Ending the TaskGroup
+        # first would cancel them and strand every accepted request until the grace ran out.
+        await self._drain()
         raise _Stop
 
     def stop(self) -> None:
         """Ask the service to shut down (signal handlers call this)."""
         self._stopping.set()
 
-    async def shutdown(self) -> None:
-        """NOT_SERVING, leave, server.stop(grace), hooks, NATS drain, flush; idempotent."""
-        if self._stopped:
+    async def _drain(self) -> None:
+        """NOT_SERVING, leave membership, server.stop(grace): in-flight RPCs finish; idempotent."""
+        if self._drained:
             return
-        self._stopped = True
+        self._drained = True
         self._serving = False
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self._heartbeat is not None:
+            self._heartbeat.stop()  # a later beat would put the record back
             await self._heartbeat.leave()
         if self.server is not None:
             await self.server.stop(self.config.grace_s)
+
+    async def shutdown(self) -> None:
+        """Drain, then hooks, NATS drain, flush; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._drain()
         await self.on_stop()
         await self.channels.close()
         if self._health_server is not None:

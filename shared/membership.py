@@ -44,6 +44,7 @@ class Heartbeat:
         self._ttl = ttl_s
         self._kv: KeyValue | None = None
         self._key = ""
+        self._stopped = False
 
     async def beat(self) -> None:
         """Write the record once (also called right away on start and on health changes)."""
@@ -55,12 +56,16 @@ class Heartbeat:
 
     async def run(self) -> None:
         """Heartbeat loop; NATS outages are ridden out (the record expires and comes back)."""
-        while True:
+        while not self._stopped:
             try:
                 await self.beat()
             except Exception as exc:
                 log.debug("heartbeat failed (%s); retrying", type(exc).__name__)
             await asyncio.sleep(self._period)
+
+    def stop(self) -> None:
+        """End the loop after its current beat (shutdown, before leave())."""
+        self._stopped = True
 
     async def leave(self) -> None:
         """Remove this instance's record at shutdown so readers stop routing to it at once."""

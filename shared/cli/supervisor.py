@@ -63,7 +63,10 @@ class LocalMesh:
 
     @property
     def router_address(self) -> str:
-        return self.endpoints["router"]
+        """The router's address (the first replica's when there are several)."""
+        if "router" in self.endpoints:
+            return self.endpoints["router"]
+        return next(a for name, a in self.endpoints.items() if name.startswith("router-"))
 
     def start(self, on_step: Callable[[str], None] = lambda _: None, timeout: float = 120.0) -> None:
         """Start NATS and every service; return once all report SERVING."""

@@ -69,10 +69,16 @@ def process_mesh(
     mesh = LocalMesh(data_dir, env=env, replicas=counts, service_env=service_env)
     try:
         mesh.start(timeout=60)
-        wait_until(lambda: echo_ok(mesh.router_address), 20, "echo answers through the router")
+        for router in routers(mesh):
+            wait_until(lambda r=router: echo_ok(r), 20, f"echo answers through {router}")
         yield mesh
     finally:
         mesh.stop()
+
+
+def routers(mesh: LocalMesh) -> list[str]:
+    """The addresses of the mesh's routers (one or more replicas)."""
+    return [a for name, a in mesh.endpoints.items() if name.split("-")[0] == "router"]
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str) -> Any:
@@ -122,22 +128,21 @@ class Outcome:
     code: grpc.StatusCode
     details: str = ""
     worker: str = ""
-    router: str = ""
 
 
 @dataclass
 class Load:
     """Closed-loop callers (threads) sending echo requests until stopped; records every call.
 
-    ``call(stub, i)`` makes one request and returns the worker that served it; a raised
-    ``grpc.RpcError`` is recorded with its code. Each caller keeps one channel (to one of the
-    routers, round robin over callers), as a long-lived client would.
+    ``call(stubs, i, timeout)`` makes one request and returns the worker that served it; a
+    raised ``grpc.RpcError`` is recorded with its code. Each caller keeps long-lived channels,
+    its own router first (round robin over callers), the others after it for failover.
     """
 
     routers: list[str]
     callers: int = 8
     timeout_s: float = 5.0
-    call: Callable[[router_pb2_grpc.RouterStub, int, float], str] | None = None
+    call: Callable[[list[router_pb2_grpc.RouterStub], int, float], str] | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -152,40 +157,28 @@ class Load:
 
     def _run(self, n: int) -> None:
         call = self.call or default_call
+        # The caller's own router first, then the others (a call may fail over to them).
+        order = self.routers[n % len(self.routers) :] + self.routers[: n % len(self.routers)]
+        channels = [grpc.insecure_channel(r) for r in order]
+        stubs = [router_pb2_grpc.RouterStub(ch) for ch in channels]
         i = 0
-        router = self.routers[n % len(self.routers)]
-        with grpc.insecure_channel(router) as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
+        try:
             while not self._stop.is_set():
                 i += 1
                 start = time.monotonic()
                 try:
-                    worker = call(stub, n * 1_000_000 + i, self.timeout_s)
-                    out = Outcome(
-                        start,
-                        time.monotonic() - start,
-                        grpc.StatusCode.OK,
-                        worker=worker,
-                        router=router,
-                    )
+                    worker = call(stubs, n * 1_000_000 + i, self.timeout_s)
+                    out = Outcome(start, time.monotonic() - start, grpc.StatusCode.OK, "", worker)
                 except grpc.RpcError as err:
-                    out = Outcome(
-                        start,
-                        time.monotonic() - start,
-                        err.code(),
-                        err.details() or "",
-                        router=router,
-                    )
+                    out = Outcome(start, time.monotonic() - start, err.code(), err.details() or "")
                 except AssertionError as exc:  # a wrong answer: worse than an error
-                    out = Outcome(
-                        start,
-                        time.monotonic() - start,
-                        grpc.StatusCode.DATA_LOSS,
-                        str(exc),
-                        router=router,
-                    )
+                    code = grpc.StatusCode.DATA_LOSS
+                    out = Outcome(start, time.monotonic() - start, code, str(exc))
                 with self._lock:
                     self.outcomes.append(out)
+        finally:
+            for ch in channels:
+                ch.close()
 
     def hold(self, seconds: float) -> None:
         """Keep the load on for a duration (a sleep that holds load, not a wait for state)."""
@@ -207,9 +200,13 @@ class Load:
             return len(self.outcomes)
 
 
-def default_call(stub: router_pb2_grpc.RouterStub, i: int, timeout_s: float) -> str:
-    """One echo request checked bit for bit; returns the worker that ran it."""
-    reply = stub.Infer(echo_request(i), timeout=timeout_s)
+def default_call(stubs: list[router_pb2_grpc.RouterStub], i: int, timeout_s: float) -> str:
+    """One echo request to the caller's router, checked bit for bit; returns its worker."""
+    return checked(stubs[0].Infer(echo_request(i), timeout=timeout_s), i)
+
+
+def checked(reply: router_pb2.InferResponse, i: int) -> str:
+    """The worker that served echo request i, after checking the answer bit for bit."""
     (out,) = reply.outputs
     got = np.frombuffer(out.data, dtype="<f4")
     assert got.tolist() == [float(i)] * 4, f"request {i} came back as {got.tolist()}"
