@@ -138,6 +138,16 @@ class BlockPlaced(Event, frozen=True, kw_only=True, tag="block_placed"):
 block_placed_decoder = msgspec.msgpack.Decoder(BlockPlaced)
 
 
+def worker_key(worker: str) -> str:
+    """A worker id as one KV key / subject token (keys allow [-/_=.a-zA-Z0-9]; no dots)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in worker)
+
+
+def placement_key(worker: str, collection: str, block: int) -> str:
+    """KV key of one block's placement: ``<worker>.<collection>.<block>``."""
+    return f"{worker_key(worker)}.{collection}.{block}"
+
+
 class BlockAccess(Event, frozen=True, kw_only=True, tag="block_access"):
     """A retrieval worker's block reads since its last report, with what tiering must know.
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,13 @@ import msgspec
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from threadpoolctl import ThreadpoolController
 
+from services.retrieval_worker.blocks import BlockSource, Tier
 from services.retrieval_worker.config import RetrievalConfig
+from services.retrieval_worker.gpu_tier import free_device_bytes, hot_source
 from services.retrieval_worker.handlers import RetrievalWorkerServicer
 from services.retrieval_worker.holdings import Held, Holdings, same_spec, spec_of
 from services.retrieval_worker.ingest import IngestApplier
+from services.retrieval_worker.tiering import TierAgent, WarmAllowance, physical_ram
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.events import INGEST_STREAM, Member, encode
 from shared.ingestlog import (
@@ -67,7 +71,20 @@ class RetrievalWorker(Service):
         root = Path(config.collections_dir) if config.collections_dir else (
             config.data_path / "collections"
         )
-        self.holdings = Holdings(root, flush_rows=max(config.flush_rows * 2, 1))
+        self.hot = hot_source_of(config)
+        self.warm_budget = (config.warm_budget_bytes if config.warm_budget_bytes >= 0
+                            else int(config.warm_ram_share * physical_ram()))
+        self.hot_budget = 0
+        if self.hot is not None:
+            self.hot_budget = (config.hot_budget_bytes if config.hot_budget_bytes >= 0
+                               else int(config.hot_gpu_share * free_device_bytes()))
+        hot = self.hot
+        self.holdings = Holdings(
+            root, flush_rows=max(config.flush_rows * 2, 1),
+            default_tier=WarmAllowance(self.warm_budget),
+            sources_for=(lambda spec: {Tier.HOT: hot(spec.metric)}) if hot else None,
+        )
+        self.tier_agent: TierAgent | None = None
         self.servicer = RetrievalWorkerServicer(
             self.holdings, config, self.instance, self.declare, self.retract
         )
@@ -92,9 +109,14 @@ class RetrievalWorker(Service):
         for held in opened:
             await self._put_declaration(_declaration_of(held), only_if_absent=True)
             self._start_applier(held)
+        if self.cfg.tiering:
+            self.tier_agent = TierAgent(
+                self.bus, self.holdings, self.instance, period_s=self.cfg.access_period_s,
+                hot_budget=self.hot_budget, warm_budget=self.warm_budget,
+            )
 
     def loops(self) -> list[Any]:
-        return [self._follow]
+        return [self._follow] + ([self.tier_agent.run] if self.tier_agent else [])
 
     async def on_stop(self) -> None:
         await asyncio.to_thread(self.holdings.close)
@@ -202,6 +224,20 @@ class RetrievalWorker(Service):
         if name in self.holdings.held:
             with contextlib.suppress(NotFound):
                 await asyncio.to_thread(self.holdings.drop, name)
+
+
+def hot_source_of(config: RetrievalConfig) -> Callable[[str], BlockSource] | None:
+    """The hot tier's source per metric, or None: no torch with CUDA means two tiers."""
+    if hot_source("ip", allow_cpu=config.hot_on_cpu) is None:
+        log.info("no GPU (torch with CUDA) here: blocks are tiered warm/cold only")
+        return None
+
+    def make(metric: str) -> BlockSource:
+        source = hot_source(metric, allow_cpu=config.hot_on_cpu)
+        assert source is not None  # checked above; the machine does not lose its GPU
+        return source
+
+    return make
 
 
 def _declaration_of(held: Held) -> CollectionDeclared:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,11 @@ class CollectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     bytes_by_tier: dict[str, int]
 
 
+#: The tier of a block nobody placed yet: fixed, or chosen from the bytes it will take
+#: (the worker's warm allowance: warm until its budget fills, then cold).
+DefaultTier = Tier | Callable[[int], Tier]
+
+
 @dataclass(frozen=True)
 class _Op:
     """One buffered ingest call."""
@@ -128,7 +133,7 @@ class Collection:
         root: Path,
         manifest: Manifest,
         *,
-        default_tier: Tier,
+        default_tier: DefaultTier,
         sources: Mapping[Tier, BlockSource] | None,
         flush_rows: int,
         crossover: float,
@@ -138,7 +143,7 @@ class Collection:
         self._manifest = manifest
         self._sources: dict[Tier, BlockSource] = {Tier.WARM: WarmSource(), Tier.COLD: ColdSource()}
         self._sources.update(sources or {})
-        if default_tier not in self._sources:
+        if isinstance(default_tier, Tier) and default_tier not in self._sources:
             raise InvalidArgument(f"no block source for tier {default_tier}")
         self._default_tier = default_tier
         self._flush_rows = flush_rows
@@ -173,7 +178,7 @@ class Collection:
         root: Path,
         spec: CollectionSpec,
         *,
-        default_tier: Tier = Tier.WARM,
+        default_tier: DefaultTier = Tier.WARM,
         sources: Mapping[Tier, BlockSource] | None = None,
         flush_rows: int = 200_000,
         crossover: float = DEFAULT_CROSSOVER,
@@ -193,7 +198,7 @@ class Collection:
         cls,
         root: Path,
         *,
-        default_tier: Tier = Tier.WARM,
+        default_tier: DefaultTier = Tier.WARM,
         sources: Mapping[Tier, BlockSource] | None = None,
         flush_rows: int = 200_000,
         crossover: float = DEFAULT_CROSSOVER,
@@ -254,6 +259,10 @@ class Collection:
     def placement(self) -> dict[int, Tier]:
         """Tier of each block that holds data."""
         return {b: v.tier for b, v in self._views.items()}
+
+    def block_bytes(self) -> dict[int, int]:
+        """Bytes each block that holds data takes in its current tier."""
+        return {b: v.nbytes for b, v in self._views.items()}
 
     def read_counts(self, *, drain: bool = False) -> dict[int, dict[str, int]]:
         """Per-block list scans by tier since open (or since the last drain)."""
@@ -516,14 +525,36 @@ class Collection:
             if not 0 <= block_id < self.spec.nblocks:
                 raise NotFound(f"no block {block_id} in {self.spec.name}")
             if tier not in self._sources:
+                if tier is Tier.HOT:
+                    raise FailedPrecondition(
+                        "no hot (GPU) tier on this worker: torch with CUDA is not available, "
+                        "so it has two tiers (warm, cold)"
+                    )
                 raise FailedPrecondition(f"no block source for tier {tier.value} on this worker")
+            before = self._placement.get(block_id)
             self._placement[block_id] = tier
             if block_id in self._views and self._views[block_id].tier != tier:
-                self._load_blocks([block_id])
+                try:
+                    self._load_blocks([block_id])
+                except BaseException:
+                    # e.g. out of GPU memory: the block stays where it was, and says so
+                    if before is None:
+                        self._placement.pop(block_id, None)
+                    else:
+                        self._placement[block_id] = before
+                    raise
                 self._publish()
 
-    def _tier_of(self, b: int) -> Tier:
-        return self._placement.get(b, self._default_tier)
+    def _tier_of(self, b: int, segs: Sequence[SegmentFiles]) -> Tier:
+        tier = self._placement.get(b)
+        if tier is None:
+            if isinstance(self._default_tier, Tier):
+                return self._default_tier
+            nbytes = sum(s.path("vec").stat().st_size + s.path("ids").stat().st_size
+                         for s in segs)
+            # decided once: a block must not bounce between tiers as flushes grow it
+            tier = self._placement[b] = self._default_tier(nbytes)
+        return tier
 
     def _segments(self, b: int) -> list[SegmentFiles]:
         return [SegmentFiles(block_dir(self.root, b), g) for g in self._manifest.blocks.get(b, [])]
@@ -540,7 +571,8 @@ class Collection:
             dels = [np.load(s.path("del")) for s in segs]
             self._live[b] = live_masks(ids, dels)
             nl = len(self.spec.lists_of_block(b))
-            self._views[b] = self._sources[self._tier_of(b)].load(b, nl, segs, self._live[b])
+            self._views[b] = self._sources[self._tier_of(b, segs)].load(
+                b, nl, segs, self._live[b])
 
     def _publish(self) -> None:
         """Swap in a searcher over the current views (searches in flight keep theirs)."""

@@ -25,3 +25,18 @@ class RetrievalConfig(CommonConfig, frozen=True, kw_only=True):
     """Longest time an applied message waits for its flush (how stale searches may be)."""
     blas_threads: int = 1
     """numpy's OpenBLAS threads (the engine spreads list scans over its own threads); 0 = as is."""
+    tiering: bool = True
+    """Report block reads to the tiering service and apply its moves."""
+    access_period_s: float = 2.0
+    """How often block reads are reported (``infermesh.tiering.access.<instance>``)."""
+    warm_budget_bytes: int = -1
+    """RAM for warm blocks; -1 = ``warm_ram_share`` of physical RAM."""
+    warm_ram_share: float = 0.25
+    """Share of physical RAM given to warm blocks when ``warm_budget_bytes`` is -1."""
+    hot_budget_bytes: int = -1
+    """GPU memory for hot blocks; -1 = ``hot_gpu_share`` of free GPU memory at start.
+    Always 0 without torch + CUDA: there is no hot tier then, and that is reported."""
+    hot_gpu_share: float = 0.5
+    """Share of free GPU memory given to hot blocks when ``hot_budget_bytes`` is -1."""
+    hot_on_cpu: bool = False
+    """Tests only: a "hot" tier held by torch on the CPU, where there is no GPU."""

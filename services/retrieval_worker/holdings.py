@@ -11,15 +11,20 @@ import asyncio
 import logging
 import shutil
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from services.retrieval_worker.collection import Collection
+from services.retrieval_worker.blocks import BlockSource, Tier
+from services.retrieval_worker.collection import Collection, DefaultTier
 from services.retrieval_worker.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.retrieval_worker.manifest import MANIFEST_NAME, CollectionSpec
+from services.retrieval_worker.manifest import MANIFEST_NAME, CollectionSpec, load_manifest
 from shared.errors import AlreadyExists
 from shared.ingestlog import CollectionDeclared
 
 log = logging.getLogger(__name__)
+
+#: Extra tier sources for a collection (the hot tier, which needs the metric), by spec.
+SourcesFor = Callable[[CollectionSpec], Mapping[Tier, BlockSource]]
 
 
 class Held:
@@ -61,9 +66,18 @@ def same_spec(a: CollectionSpec, b: CollectionSpec) -> bool:
 class Holdings:
     """Collections under ``root``, by name."""
 
-    def __init__(self, root: Path, flush_rows: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        flush_rows: int,
+        *,
+        default_tier: DefaultTier = Tier.WARM,
+        sources_for: SourcesFor | None = None,
+    ) -> None:
         self.root = root
         self._flush_rows = flush_rows
+        self._default_tier = default_tier
+        self._sources_for = sources_for or (lambda spec: {})
         self.held: dict[str, Held] = {}
         self._lock = threading.Lock()  # create/drop run in threads, from RPCs and the KV
 
@@ -73,7 +87,10 @@ class Holdings:
         opened = []
         for d in sorted(self.root.iterdir()):
             if (d / MANIFEST_NAME).exists():
-                col = Collection.open(d, flush_rows=self._flush_rows)
+                spec = load_manifest(d).spec
+                col = Collection.open(d, flush_rows=self._flush_rows,
+                                      default_tier=self._default_tier,
+                                      sources=self._sources_for(spec))
                 held = self.held[col.spec.name] = Held(col)
                 opened.append(held)
                 log.info("opened collection %s (%d vectors, applied through seq %d)",
@@ -106,7 +123,9 @@ class Holdings:
         root = self.root / decl.name
         if root.exists() and not (root / MANIFEST_NAME).exists():
             shutil.rmtree(root)  # a create that crashed before its manifest: nothing committed
-        col = Collection.create(root, spec, flush_rows=self._flush_rows)
+        col = Collection.create(root, spec, flush_rows=self._flush_rows,
+                                default_tier=self._default_tier,
+                                sources=self._sources_for(spec))
         if decl.start_seq:
             # History before the declaration belongs to a dropped namesake: start after it.
             col.flush(seq=decl.start_seq)

@@ -18,6 +18,10 @@ same centroids and ``nprobe`` (up to ties and float rounding):
   IVF index whose inverted lists are the warm blocks themselves (no copy). Lists of blocks
   FAISS cannot read (cold, memory-mapped) are scanned by the grouped scanner and merged.
 
+Hot blocks (GPU, services/retrieval_worker/gpu_tier.py) are scanned by themselves in both
+paths: the (query, list) pairs whose block has ``scan_block`` go to that block, one call per
+block for all queries probing it, and its top-k candidates merge with the other path's.
+
 Scores: inner product for ``ip`` (higher is better); squared L2 distance for ``l2`` (lower is
 better), as FAISS reports them. A missing result (fewer than k candidates) has id -1 and score
 -inf (ip) / +inf (l2). Internally everything is "higher is better": for l2 the scanner works
@@ -29,7 +33,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -73,6 +77,27 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(q).all():
         raise InvalidArgument("queries contain NaN or infinity")
     return q
+
+
+@runtime_checkable
+class ScansItself(Protocol):
+    """A block view that scores its own lists (the GPU tier), instead of handing out chunks."""
+
+    def scan_block(
+        self, queries: np.ndarray, probe_mask: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(m, k) higher-is-better scores and ids over the lists ``probe_mask`` marks."""
+        ...
+
+
+def _merge_best(
+    s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best k per row of two (n, k) higher-is-better results over disjoint lists."""
+    s = np.concatenate([s1, s2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
 class _Candidates:
@@ -144,10 +169,12 @@ class Searcher:
         # per list: is its block present, and can FAISS read it (RAM-resident)
         self._present = np.zeros(nlist, dtype=bool)
         self._faiss_readable = np.zeros(nlist, dtype=bool)
+        self._hot = np.zeros(nlist, dtype=bool)  # lists whose block scans itself (GPU)
         for b, view in self.blocks.items():
             lo, hi = b * lists_per_block, min((b + 1) * lists_per_block, nlist)
             self._present[lo:hi] = True
             self._faiss_readable[lo:hi] = view.invlists is not None
+            self._hot[lo:hi] = isinstance(view, ScansItself)
         self._index: faiss.IndexIVF | None = None
         if self._faiss_readable.any():
             code_size = dim * (2 if fp16 else 4)
@@ -211,17 +238,54 @@ class Searcher:
             allowed &= mask
         assign = np.where((assign >= 0) & allowed[np.maximum(assign, 0)], assign, -1)
         reads: dict[tuple[int, Tier], int] = {}
+        hot: tuple[np.ndarray, np.ndarray] | None = None
+        if self._hot.any():
+            is_hot = (assign >= 0) & self._hot[np.maximum(assign, 0)]
+            if is_hot.any():
+                hot = self._search_hot(q, k, assign, is_hot, reads)
+                assign = np.where(is_hot, -1, assign)
         probed = assign[assign >= 0]
         if probed.size == 0:
             s = np.full((n, k), -np.inf, dtype=np.float32)
-            return (*self._external(q, s, np.full((n, k), -1, dtype=np.int64)), reads)
-        per_list = probed.size / np.unique(probed).size
-        use_faiss = path == "faiss" or (path == "auto" and per_list < self.crossover)
-        if use_faiss and self._index is not None:
-            s, i = self._search_faiss(q, k, int(nprobe), assign, reads)
+            i = np.full((n, k), -1, dtype=np.int64)
         else:
-            s, i = self._search_grouped(q, k, assign, reads)
+            per_list = probed.size / np.unique(probed).size
+            use_faiss = path == "faiss" or (path == "auto" and per_list < self.crossover)
+            if use_faiss and self._index is not None:
+                s, i = self._search_faiss(q, k, int(nprobe), assign, reads)
+            else:
+                s, i = self._search_grouped(q, k, assign, reads)
+        if hot is not None:
+            s, i = _merge_best(s, i, *hot, k)
         return (*self._external(q, s, i), reads)
+
+    def _search_hot(
+        self,
+        q: np.ndarray,
+        k: int,
+        assign: np.ndarray,
+        is_hot: np.ndarray,
+        reads: dict[tuple[int, Tier], int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the hot (query, list) pairs: one ``scan_block`` per hot block."""
+        n = q.shape[0]
+        qq, cc = np.nonzero(is_hot)
+        lists = assign[qq, cc]
+        blocks = lists // self.lists_per_block
+        cands = _Candidates()
+        for b in np.unique(blocks).tolist():
+            sel = blocks == b
+            view = self.blocks[b]
+            assert isinstance(view, ScansItself)
+            rows, inv = np.unique(qq[sel], return_inverse=True)
+            nl = min((b + 1) * self.lists_per_block, self.nlist) - b * self.lists_per_block
+            mask = np.zeros((rows.size, nl), dtype=bool)
+            mask[inv, lists[sel] - b * self.lists_per_block] = True
+            s, i = view.scan_block(q[rows], mask, k)
+            ok = i >= 0
+            cands.add(np.broadcast_to(rows[:, None], i.shape)[ok], s[ok], i[ok])
+            reads[(b, Tier.HOT)] = reads.get((b, Tier.HOT), 0) + int(sel.sum())
+        return cands.topk(n, k)
 
     # -- paths -------------------------------------------------------------------------
 

@@ -45,21 +45,15 @@ from shared.events import (
     block_access_decoder,
     block_placed_decoder,
     encode,
+    placement_key,
     tier_moved_decoder,
+    worker_key,
 )
+
+__all__ = ["TieringController", "placement_key", "worker_key"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.tiering")
-
-
-def worker_key(worker: str) -> str:
-    """A worker id as a KV key token (KV keys allow [-/_=.a-zA-Z0-9])."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in worker)
-
-
-def placement_key(worker: str, collection: str, block: int) -> str:
-    """KV key of one block's placement."""
-    return f"{worker_key(worker)}.{collection}.{block}"
 
 
 class TieringController:
@@ -171,7 +165,7 @@ class TieringController:
                         ),
                     )
                     await self.bus.publish(
-                        f"{TIERING_MOVE}.{worker}",
+                        f"{TIERING_MOVE}.{worker_key(worker)}",
                         TierMove(
                             collection=collection, block=block, tier=tier, revision=self.revision
                         ),
