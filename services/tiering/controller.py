@@ -70,6 +70,8 @@ class TieringController:
         self.recent_moves: dict[str, deque[str]] = {}
         self.pending: dict[tuple[str, str, int], tuple[str, float]] = {}
         self.revision = 0
+        self.rounds = 0
+        """Planning rounds run since start (tests and status wait on it)."""
 
     async def recover(self) -> None:
         """Seed tiers and frequencies from the placement KV (after a restart)."""
@@ -129,6 +131,7 @@ class TieringController:
     async def step(self) -> int:
         """One round: forget silent workers, plan, publish moves, write KV; returns moves."""
         now = time.time()
+        self.rounds += 1
         for worker, seen in list(self.last_report.items()):
             if now - seen > self.cfg.worker_silence_s:
                 self.freq.forget_worker(worker)

@@ -16,6 +16,8 @@ from services.retrieval_worker.app import RetrievalWorker
 from services.retrieval_worker.config import RetrievalConfig
 from services.router.app import Router
 from services.router.config import RouterConfig
+from services.tiering.app import Tiering
+from services.tiering.config import TieringConfig
 from shared.config import from_env
 from shared.lifecycle import Service
 
@@ -70,6 +72,11 @@ async def start_retrieval(nats_url: str, tmp: Path, **extra: Any) -> Running:
     """A retrieval worker whose collections live under tmp/collections (pass instance=...)."""
     cfg = from_env(RetrievalConfig, common(nats_url, tmp, **extra))
     return await Running(RetrievalWorker(cfg)).start()
+
+
+async def start_tiering(nats_url: str, tmp: Path, **extra: Any) -> Running:
+    """The tiering service (pass tiering_period_s=..., half_life_s=... to make it quick)."""
+    return await Running(Tiering(from_env(TieringConfig, common(nats_url, tmp, **extra)))).start()
 
 
 async def start_batcher(nats_url: str, tmp: Path, **extra: Any) -> Running:
