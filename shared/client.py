@@ -43,6 +43,7 @@ def build_request(
     priority: int = 0,
     timeout_ms: int = 0,
     request_id: str = "",
+    omit_hits: bool = False,
 ) -> router_pb2.InferRequest:
     """The wire request for these arguments."""
     return router_pb2.InferRequest(
@@ -56,6 +57,7 @@ def build_request(
         priority=priority,
         timeout_ms=timeout_ms,
         request_id=request_id,
+        omit_hits=omit_hits,
     )
 
 

@@ -143,8 +143,10 @@ class Scatter:
             queries = np.concatenate([q for _, q in group]) if len(group) > 1 else group[0][1]
             k = max(p.item.k for p, _ in group)
             timeout = max(p.deadline for p, _ in group) - time.monotonic()
+            # Hits (payload reads, one message per rank) only if some request wants them.
+            omit = all(p.item.omit_hits for p, _ in group)
             scores, ids, payload, exec_ms, workers = await self._scatter(
-                target, queries, k, nprobe, metric, timeout
+                target, queries, k, nprobe, metric, timeout, omit
             )
             queue_ms = [(start - p.enqueued) * 1000.0 for p, _ in group]
             row = 0
@@ -152,7 +154,7 @@ class Scatter:
                 n, kk = q.shape[0], p.item.k
                 s, i = scores[row : row + n, :kk], ids[row : row + n, :kk]
                 row += n
-                hits = [
+                hits = [] if p.item.omit_hits else [
                     _hit(x, sc, payload.get(x))
                     for x, sc in zip(i.reshape(-1).tolist(), s.reshape(-1).tolist(), strict=True)
                 ]
@@ -169,7 +171,7 @@ class Scatter:
 
     async def _scatter(
         self, target: str, queries: np.ndarray, k: int, nprobe: int, metric: Metric,
-        timeout: float,
+        timeout: float, omit_hits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, common_pb2.Hit], float, list[str]]:
         """One Search per covering worker; re-cover the blocks of workers that fail."""
         tensor = from_numpy("queries", queries)
@@ -189,7 +191,7 @@ class Scatter:
             calls = [
                 self._search(e, retrieval_worker_pb2.SearchRequest(
                     collection=target, queries=tensor, k=k, nprobe=nprobe, blocks=blocks,
-                    batch_id=batch_id,
+                    batch_id=batch_id, omit_hits=omit_hits,
                 ), timeout)
                 for e, blocks in plan.items()
             ]

@@ -138,7 +138,9 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
         self.outstanding += q.shape[0]
         start = time.perf_counter()
         try:
-            scores, ids, hits = await asyncio.to_thread(self._search, held, q, k, nprobe, blocks)
+            scores, ids, hits = await asyncio.to_thread(
+                self._search, held, q, k, nprobe, blocks, not request.omit_hits
+            )
         finally:
             self.outstanding -= q.shape[0]
         return retrieval_worker_pb2.SearchResponse(
@@ -151,10 +153,12 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
 
     @staticmethod
     def _search(
-        held: Held, q: np.ndarray, k: int, nprobe: int, blocks: frozenset[int] | None
+        held: Held, q: np.ndarray, k: int, nprobe: int, blocks: frozenset[int] | None,
+        with_hits: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, list[common_pb2.Hit]]:
         scores, ids = held.collection.search(q, k, nprobe, blocks)
-        return scores, ids, hits_of(held, ids, scores)
+        # Hits cost a SQLite read and a protobuf message per (query, rank): only when asked.
+        return scores, ids, hits_of(held, ids, scores) if with_hits else []
 
     async def CreateCollection(
         self,

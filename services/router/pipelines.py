@@ -10,6 +10,7 @@ which skips the embed step.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -152,7 +153,7 @@ class Pipelines:
         item = common_pb2.WorkItem(
             request_id=request_id,
             inputs=[vectors[0] if vectors else from_numpy(QUERY_INPUT, queries)],
-            k=k, nprobe=request.nprobe,
+            k=k, nprobe=request.nprobe, omit_hits=request.omit_hits,
             deadline_unix_ms=int((time.time() + left) * 1000),
         )
         reply = await self._batchers.submit(
@@ -161,12 +162,17 @@ class Pipelines:
             left,
         )
         timings.append(timing("retrieve", decl.name, reply, start))
-        hits = list(reply.result.hits)
-        results = [
-            router_pb2.HitList(hits=[h for h in hits[r * k : (r + 1) * k] if h.id >= 0])
-            for r in range(queries.shape[0])
-        ]
+        results = [] if request.omit_hits else _hit_lists(reply.result.hits, k, queries.shape[0])
         return router_pb2.InferResponse(
             request_id=request_id, outputs=reply.result.outputs, timings=timings,
             results=results,
         )
+
+
+def _hit_lists(hits: Sequence[common_pb2.Hit], k: int, n: int) -> list[router_pb2.HitList]:
+    """Row-major hits ([n * k], id -1 = padding) as one HitList per query."""
+    flat = list(hits)
+    return [
+        router_pb2.HitList(hits=[h for h in flat[r * k : (r + 1) * k] if h.id >= 0])
+        for r in range(n)
+    ]

@@ -240,3 +240,58 @@ async def test_malformed_searches_and_upserts_are_rejected_with_a_message_naming
             await admin.upsert("ghost", np.arange(3), unit(3))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "unknown collection 'ghost'" in (err.value.details() or "")
+
+
+async def test_a_search_that_omits_hits_returns_the_same_ids_without_payloads(
+    nats_server, tmp_path: Path
+) -> None:
+    async with retrieval_mesh(nats_server.url, tmp_path) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+        await admin.create("lean")
+        x = unit(1500, seed=4)
+        await admin.upsert("lean", np.arange(1500), x, [f"doc {i}" for i in range(1500)])
+        await eventually(lambda: admin.count_is("lean", 1500), timeout=30, what="ingest")
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            await eventually(lambda: _searchable(client, "lean"), what="collection served")
+            kw = dict(pipeline="search", collection="lean", inputs={"query": x[:3]}, k=4,
+                      nprobe=16)
+            full, lean, *mixed = await asyncio.gather(
+                client.infer(**kw), client.infer(**kw, omit_hits=True),  # type: ignore[arg-type]
+                client.infer(**kw), client.infer(**kw, omit_hits=True),  # type: ignore[arg-type]
+            )
+    assert lean.hits == [] and [h[0].text for h in full.hits] == ["doc 0", "doc 1", "doc 2"]
+    np.testing.assert_array_equal(lean.outputs["ids"], full.outputs["ids"])
+    # one batch may carry both kinds: each request still gets what it asked for
+    assert mixed[0].hits[0][0].text == "doc 0" and mixed[1].hits == []
+
+
+async def test_a_collection_bulk_built_offline_is_served_and_takes_later_upserts(
+    nats_server, tmp_path: Path
+) -> None:
+    from services.retrieval_worker import bulk
+    from services.retrieval_worker.manifest import CollectionSpec
+
+    x = unit(3000, seed=6)
+    spec = CollectionSpec(name="bulk", dim=DIM, nlist=16, lists_per_block=2)
+    bulk.build(tmp_path / "rw0" / "collections" / "bulk", spec, np.arange(3000), x,
+               [{"text": f"doc {i}"} for i in range(3000)], stream_seq=0)
+    async with retrieval_mesh(nats_server.url, tmp_path) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+
+        async def advertised() -> bool:
+            try:
+                return await admin.count_is("bulk", 3000)
+            except grpc.aio.AioRpcError as err:  # not yet declared in the router's view
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    return False
+                raise
+
+        await eventually(advertised, timeout=30, what="the worker declares and advertises it")
+        extra = unit(1, seed=7)
+        await admin.upsert("bulk", np.array([5000]), extra)
+        await eventually(lambda: admin.count_is("bulk", 3001), timeout=30, what="upsert applied")
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            old = await search(client, "bulk", x[:2], k=1, nprobe=16)
+            new = await search(client, "bulk", extra, k=1, nprobe=16)
+    assert [h[0].text for h in old.hits] == ["doc 0", "doc 1"]
+    assert new.hits[0][0].id == 5000

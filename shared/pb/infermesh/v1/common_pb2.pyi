@@ -51,20 +51,22 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[int] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class WorkItem(_message.Message):
-    __slots__ = ("request_id", "inputs", "texts", "deadline_unix_ms", "k", "nprobe")
+    __slots__ = ("request_id", "inputs", "texts", "deadline_unix_ms", "k", "nprobe", "omit_hits")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_HITS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     texts: _containers.RepeatedScalarFieldContainer[str]
     deadline_unix_ms: int
     k: int
     nprobe: int
-    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+    omit_hits: bool
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., deadline_unix_ms: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., omit_hits: _Optional[bool] = ...) -> None: ...
 
 class WorkResult(_message.Message):
     __slots__ = ("request_id", "outputs", "hits", "error_code", "error_message")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "nprobe", "blocks", "batch_id", "queue_ms")
+    __slots__ = ("collection", "queries", "k", "nprobe", "blocks", "batch_id", "queue_ms", "omit_hits")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SearchRequest(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_HITS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Tensor
     k: int
@@ -23,7 +24,8 @@ class SearchRequest(_message.Message):
     blocks: _containers.RepeatedScalarFieldContainer[int]
     batch_id: str
     queue_ms: float
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., batch_id: _Optional[str] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    omit_hits: bool
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., batch_id: _Optional[str] = ..., queue_ms: _Optional[float] = ..., omit_hits: _Optional[bool] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("scores", "ids", "hits", "exec_ms", "worker")

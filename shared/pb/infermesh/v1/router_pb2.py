@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.pb.infermesh.v1 import common_pb2 as infermesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19infermesh/v1/router.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\xcd\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.infermesh.v1.Tensor\x12\r\n\x05texts\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x12\n\ncollection\x18\x08 \x01(\t\x12\t\n\x01k\x18\t \x01(\r\x12\x0e\n\x06nprobe\x18\n \x01(\r\"\xd7\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.infermesh.v1.Tensor\x12)\n\x07timings\x18\x04 \x03(\x0b\x32\x18.infermesh.v1.StepTiming\x12&\n\x07results\x18\x05 \x03(\x0b\x32\x15.infermesh.v1.HitList\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"*\n\x07HitList\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.infermesh.v1.Hit\"\x14\n\x12ListTargetsRequest\"M\n\x13ListTargetsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x11\n\tpipelines\x18\x02 \x03(\t\x12\x13\n\x0b\x63ollections\x18\x03 \x03(\t2\xea\x01\n\x06Router\x12@\n\x05Infer\x12\x1a.infermesh.v1.InferRequest\x1a\x1b.infermesh.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.infermesh.v1.InferRequest\x1a\x1b.infermesh.v1.InferResponse(\x01\x30\x01\x12R\n\x0bListTargets\x12 .infermesh.v1.ListTargetsRequest\x1a!.infermesh.v1.ListTargetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19infermesh/v1/router.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\xe0\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.infermesh.v1.Tensor\x12\r\n\x05texts\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x12\n\ncollection\x18\x08 \x01(\t\x12\t\n\x01k\x18\t \x01(\r\x12\x0e\n\x06nprobe\x18\n \x01(\r\x12\x11\n\tomit_hits\x18\x0b \x01(\x08\"\xd7\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.infermesh.v1.Tensor\x12)\n\x07timings\x18\x04 \x03(\x0b\x32\x18.infermesh.v1.StepTiming\x12&\n\x07results\x18\x05 \x03(\x0b\x32\x15.infermesh.v1.HitList\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\"*\n\x07HitList\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.infermesh.v1.Hit\"\x14\n\x12ListTargetsRequest\"M\n\x13ListTargetsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x11\n\tpipelines\x18\x02 \x03(\t\x12\x13\n\x0b\x63ollections\x18\x03 \x03(\t2\xea\x01\n\x06Router\x12@\n\x05Infer\x12\x1a.infermesh.v1.InferRequest\x1a\x1b.infermesh.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.infermesh.v1.InferRequest\x1a\x1b.infermesh.v1.InferResponse(\x01\x30\x01\x12R\n\x0bListTargets\x12 .infermesh.v1.ListTargetsRequest\x1a!.infermesh.v1.ListTargetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'infermesh.v1.router_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=71
-  _globals['_INFERREQUEST']._serialized_end=276
-  _globals['_INFERRESPONSE']._serialized_start=279
-  _globals['_INFERRESPONSE']._serialized_end=494
-  _globals['_HITLIST']._serialized_start=496
-  _globals['_HITLIST']._serialized_end=538
-  _globals['_LISTTARGETSREQUEST']._serialized_start=540
-  _globals['_LISTTARGETSREQUEST']._serialized_end=560
-  _globals['_LISTTARGETSRESPONSE']._serialized_start=562
-  _globals['_LISTTARGETSRESPONSE']._serialized_end=639
-  _globals['_ROUTER']._serialized_start=642
-  _globals['_ROUTER']._serialized_end=876
+  _globals['_INFERREQUEST']._serialized_end=295
+  _globals['_INFERRESPONSE']._serialized_start=298
+  _globals['_INFERRESPONSE']._serialized_end=513
+  _globals['_HITLIST']._serialized_start=515
+  _globals['_HITLIST']._serialized_end=557
+  _globals['_LISTTARGETSREQUEST']._serialized_start=559
+  _globals['_LISTTARGETSREQUEST']._serialized_end=579
+  _globals['_LISTTARGETSRESPONSE']._serialized_start=581
+  _globals['_LISTTARGETSRESPONSE']._serialized_end=658
+  _globals['_ROUTER']._serialized_start=661
+  _globals['_ROUTER']._serialized_end=895
 # @@protoc_insertion_point(module_scope)

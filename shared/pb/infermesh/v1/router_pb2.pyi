@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "pipeline", "inputs", "texts", "request_id", "priority", "timeout_ms", "collection", "k", "nprobe")
+    __slots__ = ("model", "pipeline", "inputs", "texts", "request_id", "priority", "timeout_ms", "collection", "k", "nprobe", "omit_hits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class InferRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_HITS_FIELD_NUMBER: _ClassVar[int]
     model: str
     pipeline: str
     inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
@@ -29,7 +30,8 @@ class InferRequest(_message.Message):
     collection: str
     k: int
     nprobe: int
-    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., collection: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+    omit_hits: bool
+    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., collection: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., omit_hits: _Optional[bool] = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("request_id", "model", "outputs", "timings", "results", "error_code", "error_message")
