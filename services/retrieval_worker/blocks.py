@@ -20,35 +20,21 @@ and searches still holding the old one keep reading it until they finish.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import faiss
 import numpy as np
 
 from services.retrieval_worker.manifest import fsync_dir, save_npy_atomic
+from services.retrieval_worker.tiers import Chunk, Tier
 
 SUFFIXES = ("vec", "ids", "off", "del")
 
-
-class Tier(enum.StrEnum):
-    """Where a block's vectors live; the order is fastest first."""
-
-    HOT = "hot"  # GPU memory: the seam exists (BlockSource), the source comes later
-    WARM = "warm"  # host RAM
-    COLD = "cold"  # disk, memory-mapped on demand
-
-
-class Chunk(NamedTuple):
-    """A contiguous run of one IVF list: vectors, their ids, and which rows are live."""
-
-    vectors: np.ndarray  # (n, dim) storage dtype
-    ids: np.ndarray  # (n,) int64
-    live: np.ndarray | None  # (n,) bool, None = all live
+__all__ = ["Chunk", "Tier"]  # re-exported: they live in tiers.py (no faiss import)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ IVF list (``offsets[j]:offsets[j+1]`` is list ``j``), plus the list of each row 
 (on the CPU: only the k winners per query are looked up). ``scan_block(queries,
 probe_mask, k)`` scores the queries that probe any list of the block against all its rows in
 one matrix product, masks the rows of lists a query does not probe, and keeps the top k on
-the device; only (m, k) scores and ids travel back to the CPU merge.
+the device. ``scan_blocks`` does that for every hot block a batch probes with one upload,
+the per-query merge on the device and one download (only (n, k) scores and ids travel).
 
 This is the only module that imports torch, and only when a hot source is built, so a
 worker without torch never pays for it. Without CUDA there is no hot tier (two tiers,
@@ -25,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.retrieval_worker.blocks import Chunk, SegmentFiles, Tier
-from services.retrieval_worker.errors import FailedPrecondition
+# Only tiers.py at import time: the bench host (bench/gpu_tier.py) has torch and numpy but
+# neither faiss nor grpc, which blocks.py and errors.py import.
+from services.retrieval_worker.tiers import Chunk, Tier
 
 if TYPE_CHECKING:
     import faiss
+
+    from services.retrieval_worker.blocks import SegmentFiles
 
 #: Most score-matrix elements one scan materialises at once (queries are split above it).
 MAX_SCORES = 1 << 26
@@ -120,6 +124,7 @@ class HotBlock:
                                     else np.float16)
         self.vectors = torch.from_numpy(host).to(self.device)
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.ids_dev = torch.from_numpy(self.ids).to(self.device)  # results map on the device
         self.offsets = np.asarray(offsets, dtype=np.int64)
         lists = np.repeat(np.arange(nlists, dtype=np.int64), np.diff(self.offsets))
         self.row_list = torch.from_numpy(lists).to(self.device)
@@ -151,36 +156,80 @@ class HotBlock:
         float32 scores (``q.x`` for ip, ``2 q.x - |x|^2`` for l2) and int64 ids; a missing
         result is (-inf, -1).
         """
+        rows = np.arange(queries.shape[0])
+        return self.scan_blocks(queries, [(self, rows, probe_mask)], k)
+
+    def scan_blocks(
+        self,
+        queries: np.ndarray,
+        jobs: Sequence[tuple[HotBlock, np.ndarray, np.ndarray]],
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each of ``queries`` (n, dim) over several hot blocks of this device at once.
+
+        Each job is (block, query rows that probe it, their (rows, lists) probe mask). One
+        upload, one GEMM + mask + top-k per block, the merge on the device, one download:
+        a host sync per block would cost more than the scan of a small block.
+        """
         torch = _torch()
-        m = queries.shape[0]
-        out_s = np.full((m, k), -np.inf, dtype=np.float32)
-        out_i = np.full((m, k), -1, dtype=np.int64)
-        rows = self.count
-        if rows == 0 or m == 0:
+        n = queries.shape[0]
+        out_s = np.full((n, k), -np.inf, dtype=np.float32)
+        out_i = np.full((n, k), -1, dtype=np.int64)
+        jobs = [j for j in jobs if j[0].count and j[1].size]
+        if not jobs:
             return out_s, out_i
-        kk = min(k, rows)
-        step = max(1, MAX_SCORES // rows)
+        dev = self.device
         with torch.inference_mode():
-            mask_all = torch.from_numpy(np.ascontiguousarray(probe_mask)).to(self.device)
-            q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(
-                self.device
-            )
-            for lo in range(0, m, step):
-                hi = min(m, lo + step)
-                scores = (q_all[lo:hi].to(self._dtype) @ self.vectors.T).float()
-                if self.sq_norms is not None:
-                    scores.mul_(2.0).sub_(self.sq_norms)
-                # rows of lists this query does not probe drop out of its top-k
-                probed = mask_all[lo:hi].index_select(1, self.row_list)
-                scores.masked_fill_(~probed, -math.inf)
-                top_s, top_j = torch.topk(scores, kk, dim=1)
-                s = top_s.cpu().numpy()
-                j = top_j.cpu().numpy()
-                ids = self.ids[j]
-                ids[~np.isfinite(s)] = -1
-                out_s[lo:hi, :kk] = s
-                out_i[lo:hi, :kk] = ids
+            q_dev = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
+            rows_dev = torch.from_numpy(np.concatenate([r for _, r, _ in jobs])).to(dev)
+            masks_dev = torch.from_numpy(
+                np.concatenate([np.ascontiguousarray(m, dtype=bool).ravel() for *_, m in jobs])
+            ).to(dev)
+            qs_out, s_out, i_out = [], [], []
+            at_r = at_m = 0
+            for block, _rows, mask in jobs:
+                m, nl = mask.shape
+                r = rows_dev[at_r : at_r + m]
+                pm = masks_dev[at_m : at_m + m * nl].view(m, nl)
+                at_r += m
+                at_m += m * nl
+                s, j = block._topk(q_dev.index_select(0, r), pm, k)
+                qs_out.append(r[:, None].expand_as(j).reshape(-1))
+                s_out.append(s.reshape(-1))
+                i_out.append(block.ids_dev[j].reshape(-1))
+            q_all, s_all, i_all = torch.cat(qs_out), torch.cat(s_out), torch.cat(i_out)
+            # per-query top-k of the candidates: by score, then (stable) by query
+            order = torch.argsort(s_all, descending=True, stable=True)
+            order = order[torch.argsort(q_all[order], stable=True)]
+            q_all, s_all, i_all = q_all[order], s_all[order], i_all[order]
+            starts = torch.searchsorted(q_all, torch.arange(n, device=dev))
+            rank = torch.arange(q_all.numel(), device=dev) - starts[q_all]
+            keep = (rank < k) & torch.isfinite(s_all)
+            q_np = q_all[keep].cpu().numpy()
+            r_np = rank[keep].cpu().numpy()
+            out_s[q_np, r_np] = s_all[keep].cpu().numpy()
+            out_i[q_np, r_np] = i_all[keep].cpu().numpy()
         return out_s, out_i
+
+    def _topk(self, qs: Any, probed: Any, k: int) -> tuple[Any, Any]:
+        """Device top-min(k, rows) scores and row indices of ``qs`` over probed lists."""
+        torch = _torch()
+        kk = min(k, self.count)
+        step = max(1, MAX_SCORES // self.count)
+        parts_s, parts_j = [], []
+        for lo in range(0, qs.shape[0], step):
+            scores = (qs[lo : lo + step].to(self._dtype) @ self.vectors.T).float()
+            if self.sq_norms is not None:
+                scores.mul_(2.0).sub_(self.sq_norms)
+            # rows of lists this query does not probe drop out of its top-k
+            mask = probed[lo : lo + step].index_select(1, self.row_list)
+            scores.masked_fill_(~mask, -math.inf)
+            s, j = torch.topk(scores, kk, dim=1)
+            parts_s.append(s)
+            parts_j.append(j)
+        if len(parts_s) == 1:
+            return parts_s[0], parts_j[0]
+        return torch.cat(parts_s), torch.cat(parts_j)
 
 
 class HotSource:
@@ -212,6 +261,8 @@ def hot_source(metric: str, *, allow_cpu: bool = False, device: str = "cuda") ->
         try:
             _torch()
         except ImportError as exc:
+            from services.retrieval_worker.errors import FailedPrecondition
+
             raise FailedPrecondition("a CPU hot tier was asked for but torch is missing") from exc
         return HotSource(metric, "cpu")
     return None

@@ -19,8 +19,8 @@ same centroids and ``nprobe`` (up to ties and float rounding):
   FAISS cannot read (cold, memory-mapped) are scanned by the grouped scanner and merged.
 
 Hot blocks (GPU, services/retrieval_worker/gpu_tier.py) are scanned by themselves in both
-paths: the (query, list) pairs whose block has ``scan_block`` go to that block, one call per
-block for all queries probing it, and its top-k candidates merge with the other path's.
+paths: the (query, list) pairs whose block scans itself go to the device in one call (each
+block scanned once for all queries probing it), and the top-k merges with the other path's.
 
 Scores: inner product for ``ip`` (higher is better); squared L2 distance for ``l2`` (lower is
 better), as FAISS reports them. A missing result (fewer than k candidates) has id -1 and score
@@ -31,9 +31,9 @@ with ``2 q.x - |x|^2``, which orders like ``-|q - x|^2``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -83,10 +83,10 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 class ScansItself(Protocol):
     """A block view that scores its own lists (the GPU tier), instead of handing out chunks."""
 
-    def scan_block(
-        self, queries: np.ndarray, probe_mask: np.ndarray, k: int
+    def scan_blocks(
+        self, queries: np.ndarray, jobs: Sequence[tuple[Any, np.ndarray, np.ndarray]], k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(m, k) higher-is-better scores and ids over the lists ``probe_mask`` marks."""
+        """(n, k) higher-is-better top-k over jobs (block, query rows, rows x lists mask)."""
         ...
 
 
@@ -267,25 +267,22 @@ class Searcher:
         is_hot: np.ndarray,
         reads: dict[tuple[int, Tier], int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over the hot (query, list) pairs: one ``scan_block`` per hot block."""
-        n = q.shape[0]
+        """Top-k over the hot (query, list) pairs: every hot block probed, in one device call."""
         qq, cc = np.nonzero(is_hot)
         lists = assign[qq, cc]
         blocks = lists // self.lists_per_block
-        cands = _Candidates()
+        jobs = []
         for b in np.unique(blocks).tolist():
             sel = blocks == b
-            view = self.blocks[b]
-            assert isinstance(view, ScansItself)
             rows, inv = np.unique(qq[sel], return_inverse=True)
             nl = min((b + 1) * self.lists_per_block, self.nlist) - b * self.lists_per_block
             mask = np.zeros((rows.size, nl), dtype=bool)
             mask[inv, lists[sel] - b * self.lists_per_block] = True
-            s, i = view.scan_block(q[rows], mask, k)
-            ok = i >= 0
-            cands.add(np.broadcast_to(rows[:, None], i.shape)[ok], s[ok], i[ok])
+            jobs.append((self.blocks[b], rows, mask))
             reads[(b, Tier.HOT)] = reads.get((b, Tier.HOT), 0) + int(sel.sum())
-        return cands.topk(n, k)
+        first = jobs[0][0]
+        assert isinstance(first, ScansItself)
+        return first.scan_blocks(q, jobs, k)  # all hot blocks live on the one device
 
     # -- paths -------------------------------------------------------------------------
 
