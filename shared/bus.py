@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,8 +87,15 @@ class _Link:
         self.closing = False
         self.generation = 0
         self.changed = asyncio.Event()
+        #: Wall-clock time of the last reconnect (0 = never reconnected).
+        self.reconnected_unix = 0.0
+        #: Lost and not yet through reconnected(): the client may already say "connected"
+        #: before its reconnect callback runs, and readers must not act on that early.
+        self.down = False
 
     def reconnected(self) -> None:
+        self.reconnected_unix = time.time()
+        self.down = False
         self.generation += 1
         self.changed.set()
         self.changed = asyncio.Event()
@@ -107,6 +115,11 @@ class Bus:
     def generation(self) -> int:
         """Increases on every reconnect: watchers and consumers re-subscribe when it moves."""
         return self._link.generation
+
+    @property
+    def reconnected_unix(self) -> float:
+        """When the connection was last re-established (0 = never lost)."""
+        return self._link.reconnected_unix
 
     async def wait_reconnect(self, generation: int) -> None:
         """Return once the connection was re-established after `generation`."""
@@ -140,6 +153,7 @@ class Bus:
         async def disconnected() -> None:
             if link.closing:  # close() drains on purpose: not an outage
                 return
+            link.down = True
             log.warning("nats: disconnected; data path keeps serving on the last known state")
 
         last_error: list[str] = []
@@ -187,7 +201,8 @@ class Bus:
 
     @property
     def connected(self) -> bool:
-        return bool(self.nc.is_connected)
+        """Connected, and (after an outage) through the reconnect callback."""
+        return bool(self.nc.is_connected) and not self._link.down
 
     async def publish(self, subject: str, event: Event) -> None:
         """Publish an event with the current trace context in its headers."""

@@ -66,6 +66,10 @@ class KVView(Generic[T]):
         if self._on_change is not None:
             self._on_change(key, value)
 
+    def _vanished(self, key: str) -> None:
+        """A key held here was missing from a re-watch's replay: drop it (views may defer)."""
+        self._apply(key, None)
+
     async def run(self) -> None:
         """Watch the bucket forever; after a reconnect, watch again from the current state.
 
@@ -102,7 +106,7 @@ class KVView(Generic[T]):
             if entry is None:  # the replay of current values is complete
                 if seen is not None:
                     for key in set(self.values) - seen:
-                        self._apply(key, None)
+                        self._vanished(key)
                     seen = None
                 self.ready.set()
                 self._changed.set()

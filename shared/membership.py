@@ -2,8 +2,9 @@
 
 Writers put ``Member`` under ``<service>.<instance>`` every heartbeat; the bucket's TTL
 removes entries of instances that died. Readers watch the bucket and drop a member whose
-heartbeat is older than the TTL, but only while NATS is connected: with NATS down nobody
-can heartbeat, and the data path keeps the last known view (gRPC failures remove workers).
+heartbeat is older than the TTL, but only while NATS is connected (and not in the first TTL
+after a reconnect): with NATS down nobody can heartbeat, and the data path keeps the last
+known view (gRPC failures remove workers).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Heartbeat:
             self._kv = await self._bus.kv(MEMBERS_BUCKET, ttl=self._ttl)
         member = self._make()
         self._key = member_key(member.service, member.instance)
-        await self._kv.put(self._key, encode(member))
+        # Bounded: a put caught by a NATS outage would otherwise wait out the client's 5 s
+        # request timeout, and the first beat after a reconnect would come that much late.
+        await asyncio.wait_for(self._kv.put(self._key, encode(member)), timeout=self._ttl / 2)
 
     async def run(self) -> None:
         """Heartbeat loop; NATS outages are ridden out (the record expires and comes back)."""
@@ -86,13 +89,23 @@ class MemberView(KVView[Member]):
     def members(self, service: str | None = None) -> list[Member]:
         """Live members, optionally of one service."""
         now = time.time()
-        check_age = self._bus.connected
+        # Ages count only while NATS is up, and from one TTL after a reconnect on: a member
+        # that could not heartbeat through an outage has that long to do so before it is
+        # taken for dead (dead ones vanish sooner, when the re-watch finds their key gone).
+        check_age = self._bus.connected and now - self._bus.reconnected_unix > self._member_ttl
         return [
             m
             for m in self.values.values()
             if (service is None or m.service == service)
             and not (check_age and now - m.heartbeat_unix > self._member_ttl)
         ]
+
+    def _vanished(self, key: str) -> None:
+        # Records expire on the server during an outage longer than the TTL, though their
+        # members live on; keep them until the age check resumes, by which time live ones
+        # have heartbeated again and dead ones are filtered out by age.
+        if time.time() - self._bus.reconnected_unix > self._member_ttl:
+            super()._vanished(key)
 
     def forget(self, endpoint: str) -> None:
         """Drop a member that failed on the data path until it heartbeats again."""

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC's fork handlers can abort a child forked while other threads are inside gRPC (fault
+# tests start processes under load). Children exec at once and need no handlers; gRPC reads
+# this when it is imported, so it is set before any test module imports it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from collections.abc import Iterator
 from pathlib import Path
 
