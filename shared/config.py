@@ -33,6 +33,8 @@ class CommonConfig(msgspec.Struct, frozen=True, kw_only=True):
     """gRPC port; 0 picks a free one (tests). Each service sets its own default."""
     advertise_host: str = ""
     """Host other services use to reach this one; empty = grpc_host."""
+    advertise_port: int = 0
+    """Port other services use to reach this one (a proxy or NAT in front); 0 = the bound port."""
     metrics_port: int = 0
     """Prometheus /metrics HTTP port; 0 = off."""
     data_dir: str = ".infermesh"
@@ -84,7 +86,7 @@ class CommonConfig(msgspec.Struct, frozen=True, kw_only=True):
         host = self.advertise_host or self.grpc_host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        return f"{host}:{port}"
+        return f"{host}:{self.advertise_port or port}"
 
 
 def from_env(cls: type[T], env: Mapping[str, str] | None = None, **defaults: Any) -> T:
