@@ -8,10 +8,11 @@ one exception table in ``shared.errors``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -24,10 +25,12 @@ from opentelemetry.instrumentation.grpc import (
 )
 
 from shared import metrics
-from shared.errors import message_of, status_of
+from shared.errors import InfermeshError, message_of, status_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 HEALTH_SERVICE = health.SERVICE_NAME
 #: Trailing metadata key naming the service that produced an error status. Its absence on an
@@ -436,3 +439,50 @@ async def check_health(target: str, timeout: float = 1.0) -> bool:
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def answer_concurrently(
+    requests: AsyncIterator[Req],
+    handle: Callable[[Req], Awaitable[Resp]],
+    error_reply: Callable[[Req, BaseException], Resp | None],
+) -> AsyncIterator[Resp]:
+    """Serve a bidi stream: every request runs concurrently, answers go out as they finish.
+
+    ``error_reply`` turns one request's failure into an inline answer (the stream stays open);
+    when it returns None the error ends the stream instead (it reaches the ErrorInterceptor).
+    Unexpected errors are logged with their traceback before becoming an inline answer.
+    """
+    out: asyncio.Queue[Resp | BaseException | None] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+
+    async def one(req: Req) -> None:
+        try:
+            reply: Resp | BaseException | None = await handle(req)
+        except Exception as exc:
+            if not isinstance(exc, InfermeshError):
+                log.exception("stream request failed")
+            reply = error_reply(req, exc)
+            if reply is None:
+                reply = exc
+        await out.put(reply)
+
+    async def read() -> None:
+        async for req in requests:
+            task = loop.create_task(one(req))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        await out.put(None)
+
+    reader = loop.create_task(read())
+    try:
+        while (item := await out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()

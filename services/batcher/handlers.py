@@ -11,7 +11,8 @@ import grpc
 
 from services.batcher.queue import Outcome, TargetQueue
 from services.batcher.tracing import record_queue_wait
-from shared.errors import DeadlineExceeded, InfermeshError, InvalidArgument, message_of, status_of
+from shared import rpc
+from shared.errors import DeadlineExceeded, InvalidArgument, message_of, status_of
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 from shared.status_codes import code_value, error_from
 
@@ -81,36 +82,12 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
         """Many submits over one stream; each answer carries its request_id, errors inline."""
-        out: asyncio.Queue[batcher_pb2.SubmitResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(req: batcher_pb2.SubmitRequest) -> None:
-            try:
-                reply = await self._submit(req, None)
-            except InfermeshError as exc:
-                reply = _error_reply(req.item.request_id, exc)
-            except Exception as exc:
-                log.exception("submit failed")
-                reply = _error_reply(req.item.request_id, exc)
-            await out.put(reply)
-
-        async def read() -> None:
-            async for req in requests:
-                task = asyncio.get_running_loop().create_task(one(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (reply := await out.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for reply in rpc.answer_concurrently(
+            requests,
+            lambda req: self._submit(req, None),
+            lambda req, exc: _error_reply(req.item.request_id, exc),
+        ):
+            yield reply
 
     async def QueueStatus(
         self, request: batcher_pb2.QueueStatusRequest, context: grpc.aio.ServicerContext

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -13,8 +12,8 @@ from opentelemetry import trace
 
 from services.router.pipelines import Pipelines
 from services.router.upstream import Batchers
+from shared import rpc
 from shared.errors import (
-    InfermeshError,
     InvalidArgument,
     NotFound,
     message_of,
@@ -142,36 +141,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.InferResponse]:
         """Requests run concurrently; each answer carries its request_id and any error inline."""
-        out: asyncio.Queue[router_pb2.InferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(req: router_pb2.InferRequest) -> None:
-            try:
-                reply = await self.infer(req, None)
-            except InfermeshError as exc:
-                reply = _error_response(req.request_id, exc)
-            except Exception as exc:
-                log.exception("stream request failed")
-                reply = _error_response(req.request_id, exc)
-            await out.put(reply)
-
-        async def read() -> None:
-            async for req in requests:
-                task = asyncio.get_running_loop().create_task(one(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (reply := await out.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for reply in rpc.answer_concurrently(
+            requests,
+            lambda req: self.infer(req, None),
+            lambda req, exc: _error_response(req.request_id, exc),
+        ):
+            yield reply
 
     async def ListTargets(
         self, request: router_pb2.ListTargetsRequest, context: grpc.aio.ServicerContext

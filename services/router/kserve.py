@@ -9,7 +9,6 @@ numeric inputs become tensors; outputs return as ``raw_output_contents``.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.router.handlers import RouterServicer
+from shared import rpc
 from shared.errors import InfermeshError, InvalidArgument, NotFound, Unimplemented, message_of
 from shared.events import ModelSpec
 from shared.pb.infermesh.v1 import common_pb2, router_pb2
@@ -240,47 +240,26 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Requests run concurrently; a failed one is answered inline, the stream stays open."""
-        out: asyncio.Queue[service_pb2.ModelStreamInferResponse | BaseException | None] = (
-            asyncio.Queue()
-        )
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(req: service_pb2.ModelInferRequest) -> None:
-            try:
-                reply = service_pb2.ModelStreamInferResponse(
-                    infer_response=await self.infer(req, None)
-                )
-            except InfermeshError as exc:
-                reply = service_pb2.ModelStreamInferResponse(
-                    error_message=message_of(exc),
-                    infer_response=service_pb2.ModelInferResponse(
-                        model_name=req.model_name, id=req.id
-                    ),
-                )
-            except Exception as exc:
-                await out.put(exc)
-                return
-            await out.put(reply)
+        async def handle(
+            req: service_pb2.ModelInferRequest,
+        ) -> service_pb2.ModelStreamInferResponse:
+            return service_pb2.ModelStreamInferResponse(infer_response=await self.infer(req, None))
 
-        async def read() -> None:
-            async for req in requests:
-                task = asyncio.get_running_loop().create_task(one(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks))
-            await out.put(None)
+        def inline(
+            req: service_pb2.ModelInferRequest, exc: BaseException
+        ) -> service_pb2.ModelStreamInferResponse | None:
+            # Triton reports a request's own failure inline and keeps the stream; anything
+            # unexpected ends the stream with its status.
+            if not isinstance(exc, InfermeshError):
+                return None
+            return service_pb2.ModelStreamInferResponse(
+                error_message=message_of(exc),
+                infer_response=service_pb2.ModelInferResponse(model_name=req.model_name, id=req.id),
+            )
 
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (item := await out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for reply in rpc.answer_concurrently(requests, handle, inline):
+            yield reply
 
     # -- translation ----------------------------------------------------------------------
 

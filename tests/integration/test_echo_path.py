@@ -223,3 +223,39 @@ async def test_a_router_started_before_any_worker_serves_once_one_joins(
     finally:
         await batcher.stop()
         await router.stop()
+
+
+async def test_the_batcher_stream_answers_each_submit_with_errors_inline(
+    nats_server, tmp_path: Path
+) -> None:
+    from shared import rpc
+    from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc
+
+    async with echo_mesh(nats_server.url, tmp_path) as mesh:
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            await eventually(lambda: ready(client), what="mesh ready")
+        channel = rpc.channel(mesh["batcher"].endpoint)
+        stub = batcher_pb2_grpc.BatcherStub(channel)
+        requests = [
+            batcher_pb2.SubmitRequest(
+                target="echo",
+                kind=batcher_pb2.TARGET_KIND_MODEL,
+                item=common_pb2.WorkItem(request_id=f"s{i}", texts=[f"t{i}"]),
+            )
+            for i in range(10)
+        ]
+        requests.append(
+            batcher_pb2.SubmitRequest(
+                target="nope", item=common_pb2.WorkItem(request_id="bad", texts=["x"])
+            )
+        )
+
+        async def gen():
+            for r in requests:
+                yield r
+
+        replies = {r.result.request_id: r async for r in stub.SubmitStream(gen(), timeout=10)}
+        await channel.close()
+    assert len(replies) == 11
+    assert replies["s3"].result.outputs[0].strings == [b"t3"]
+    assert replies["bad"].result.error_code == grpc.StatusCode.NOT_FOUND.value[0]
