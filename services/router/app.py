@@ -59,6 +59,7 @@ class Router(Service):
             self.batchers,
             self.cfg.max_k,
             self.cfg.max_tensor_elements,
+            self.cfg.search_coalesce_inflight,
         )
         self.servicer = RouterServicer(
             self.models,

@@ -21,3 +21,6 @@ class RouterConfig(CommonConfig, frozen=True, kw_only=True):
     """Texts per embedding request when ingesting (the batcher batches these chunks)."""
     max_k: int = 1024
     """Largest k a search may ask for."""
+    search_coalesce_inflight: int = 2
+    """Submits in flight per (collection, k, nprobe) before concurrent searches share the next
+    one (services/router/coalesce.py); 0 = every search is its own Submit."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from services.router.coalesce import Coalescer, SearchKey
 from services.router.upstream import Batchers
 from shared.errors import InvalidArgument, NotFound
 from shared.events import ModelSpec
@@ -61,8 +62,10 @@ class Pipelines:
         batchers: Batchers,
         max_k: int,
         max_elements: int,
+        coalesce_inflight: int = 2,
     ) -> None:
         self.by_name = parse_pipelines(spec)
+        self._searches = Coalescer(self._submit_search, coalesce_inflight)
         self._models = models
         self.collections = collections
         self._batchers = batchers
@@ -149,23 +152,35 @@ class Pipelines:
             )
         require_finite(QUERY_INPUT, queries)
         start = time.perf_counter()
-        left = deadline - start
+        # Concurrent searches with the same parameters share one Submit (coalesce.py).
+        key = SearchKey(decl.name, k, request.nprobe, request.omit_hits, request.priority)
+        part = await self._searches.search(key, queries, deadline - start, request_id)
+        timings.append(timing("retrieve", decl.name, part.reply, start))
+        results = [] if request.omit_hits else _hit_lists(part.hits, k, queries.shape[0])
+        return router_pb2.InferResponse(
+            request_id=request_id, outputs=part.outputs, timings=timings, results=results
+        )
+
+    async def _submit_search(
+        self, key: SearchKey, queries: np.ndarray, timeout: float, request_id: str
+    ) -> batcher_pb2.SubmitResponse:
+        """One Submit of (possibly several requests') stacked queries to the batcher."""
         item = common_pb2.WorkItem(
             request_id=request_id,
-            inputs=[vectors[0] if vectors else from_numpy(QUERY_INPUT, queries)],
-            k=k, nprobe=request.nprobe, omit_hits=request.omit_hits,
-            deadline_unix_ms=int((time.time() + left) * 1000),
+            inputs=[from_numpy(QUERY_INPUT, queries)],
+            k=key.k,
+            nprobe=key.nprobe,
+            omit_hits=key.omit_hits,
+            deadline_unix_ms=int((time.time() + timeout) * 1000),
         )
-        reply = await self._batchers.submit(
-            batcher_pb2.SubmitRequest(target=decl.name, kind=batcher_pb2.TARGET_KIND_COLLECTION,
-                                      item=item, priority=request.priority),
-            left,
-        )
-        timings.append(timing("retrieve", decl.name, reply, start))
-        results = [] if request.omit_hits else _hit_lists(reply.result.hits, k, queries.shape[0])
-        return router_pb2.InferResponse(
-            request_id=request_id, outputs=reply.result.outputs, timings=timings,
-            results=results,
+        return await self._batchers.submit(
+            batcher_pb2.SubmitRequest(
+                target=key.collection,
+                kind=batcher_pb2.TARGET_KIND_COLLECTION,
+                item=item,
+                priority=key.priority,
+            ),
+            timeout,
         )
 
 
