@@ -66,8 +66,13 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
 
+# Side by side with the peers (bench/compare.py, after the project install): each peer is
+# installed by the script into its own pinned venv under .bench/venvs/, never into .venv.
+# `make bench BENCH_ARGS=--quick` is the short smoke run.
+BENCH_ARGS ?=
 bench: model
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .infermesh
