@@ -84,3 +84,47 @@ def build(
     manifest.last_applied_seq = stream_seq
     save_manifest(root, manifest)
     return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m services.retrieval_worker.bulk``: build a collection from .npy files."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description="Bulk-build a collection into a retrieval worker's collections directory "
+        "(stop the worker first; it serves the collection when it starts)."
+    )
+    ap.add_argument("vectors", type=Path, help="float32 .npy, shape [n, dim]")
+    ap.add_argument("--name", required=True, help="collection name")
+    ap.add_argument("--collections-dir", type=Path, default=Path(".infermesh/collections"))
+    ap.add_argument("--ids", type=Path, default=None, help="int64 .npy [n] (default 0..n-1)")
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--metric", choices=["ip", "l2"], default="ip")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--lists-per-block", type=int, default=8)
+    ap.add_argument(
+        "--stream-seq",
+        type=int,
+        default=0,
+        help="ingest stream sequence the data stands for (0: a new collection)",
+    )
+    args = ap.parse_args(argv)
+    vectors = np.load(args.vectors, mmap_mode="r")
+    ids = np.load(args.ids) if args.ids else np.arange(vectors.shape[0], dtype=np.int64)
+    spec = CollectionSpec(
+        name=args.name,
+        dim=int(vectors.shape[1]),
+        metric=args.metric,
+        nlist=args.nlist,
+        dtype=args.dtype,
+        lists_per_block=args.lists_per_block,
+    )
+    info = build(args.collections_dir / args.name, spec, ids, vectors, stream_seq=args.stream_seq)
+    print(
+        f"built {info.name}: {info.count} vectors in {info.blocks} blocks under "
+        f"{args.collections_dir / args.name}"
+    )
+
+
+if __name__ == "__main__":
+    main()

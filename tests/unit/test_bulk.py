@@ -69,3 +69,26 @@ def test_too_few_vectors_to_train_are_refused(tmp_path: Path) -> None:
         bulk.build(
             tmp_path / "b", CollectionSpec(name="b", dim=16, nlist=64), np.arange(10), unit(10)
         )
+
+
+def test_the_command_line_builds_a_collection_from_npy_files(tmp_path: Path) -> None:
+    np.save(tmp_path / "v.npy", unit(600))
+    np.save(tmp_path / "ids.npy", np.arange(600, dtype=np.int64) * 2)
+    bulk.main(
+        [
+            str(tmp_path / "v.npy"),
+            "--name",
+            "cli",
+            "--ids",
+            str(tmp_path / "ids.npy"),
+            "--nlist",
+            "8",
+            "--collections-dir",
+            str(tmp_path / "cols"),
+        ]
+    )
+    col = Collection.open(tmp_path / "cols" / "cli")
+    try:
+        assert col.describe().count == 600 and col.last_applied_seq == 0
+    finally:
+        col.close()
