@@ -15,8 +15,9 @@ recall must agree at equal nprobe.
 
 "batch b" = b query vectors in flight, two ways, both reported (throughput in queries/s):
 - ``req``: one Router.Infer carrying b queries (a [b, dim] ``query`` tensor), one at a time;
-- ``conc``: b single-query requests in flight at once (the batcher merges them into one
-  Search per worker).
+- ``conc``: b single-query requests in flight at once, each a unary Router.Infer (the router
+  and the batcher merge them into one Search per worker);
+- ``strm``: the same b single-query requests in flight on one Router.InferStream.
 Raw FAISS runs ``index.search`` on b queries at a time. Mesh requests set ``omit_hits``
 (ids and scores only, as raw FAISS returns). The mesh is nats + router + batcher + one
 retrieval worker as local processes; the client runs in this process.
@@ -34,7 +35,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,9 +49,13 @@ from services.retrieval_worker import bulk
 from services.retrieval_worker.manifest import CENTROIDS_NAME, CollectionSpec
 from shared.cli.ingest import Ingester
 from shared.cli.supervisor import LocalMesh
-from shared.client import AsyncClient, Client
+from shared.client import AsyncClient, Client, build_request
+from shared.pb.infermesh.v1 import router_pb2
+from shared.tensors import to_numpy
 
 NAME = "bench"
+#: nprobe, batch, recalls (raw, req, conc, strm), then QPS of raw, req, conc, strm.
+Row = tuple[int, int, list[float], float, float, float, float]
 
 
 @dataclass
@@ -152,43 +157,88 @@ def req_pass(client: Client, xq: np.ndarray, k: int, nprobe: int, batch: int) ->
     )
 
 
-async def conc_pass(
-    client: AsyncClient, xq: np.ndarray, k: int, nprobe: int, inflight: int
-) -> np.ndarray:
+#: One single-query search: query [1, dim] -> ids [k].
+Search1 = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+class StreamSearch:
+    """Single-query searches multiplexed on one Router.InferStream, matched by request_id."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._call = client.stub.InferStream()
+        self._waiting: dict[str, asyncio.Future[router_pb2.InferResponse]] = {}
+        self._write = asyncio.Lock()  # grpc.aio allows one pending write per stream
+        self._seq = 0
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for reply in self._call:  # type: ignore[attr-defined]
+            self._waiting.pop(reply.request_id).set_result(reply)
+
+    async def infer(self, request: router_pb2.InferRequest) -> router_pb2.InferResponse:
+        """Send one request on the stream and wait for its answer."""
+        self._seq += 1
+        request.request_id = str(self._seq)
+        future = self._waiting[request.request_id] = asyncio.get_running_loop().create_future()
+        async with self._write:
+            await self._call.write(request)  # type: ignore[attr-defined]
+        reply = await future
+        if reply.error_code:
+            raise RuntimeError(reply.error_message)
+        return reply
+
+    async def close(self) -> None:
+        await self._call.done_writing()  # type: ignore[attr-defined]
+        await self._reader
+
+
+async def conc_pass(search: Search1, xq: np.ndarray, k: int, inflight: int) -> np.ndarray:
     """``inflight`` single-query requests in flight at once; ids in query order."""
     ids = np.full((len(xq), k), -1, dtype=np.int64)
     queue = iter(range(len(xq)))
 
     async def lane() -> None:
         for i in queue:
-            r = await client.infer(
-                pipeline="search",
-                collection=NAME,
-                k=k,
-                nprobe=nprobe,
-                omit_hits=True,
-                inputs={"query": xq[i : i + 1]},
-                timeout=60,
-            )
-            ids[i] = r.outputs["ids"][0]
+            ids[i] = await search(xq[i : i + 1])
 
     await asyncio.gather(*(lane() for _ in range(min(inflight, len(xq)))))
     return ids
 
 
 async def conc_timed(
-    router: str, xq: np.ndarray, k: int, nprobe: int, inflight: int, min_s: float
+    router: str, xq: np.ndarray, k: int, nprobe: int, inflight: int, min_s: float, stream: bool
 ) -> tuple[np.ndarray, float]:
-    """Concurrent single queries: whole passes until ``min_s``; first-pass ids and QPS."""
+    """Concurrent single queries (unary Infer calls, or one InferStream): whole passes until
+    ``min_s``; first-pass ids and QPS."""
     async with AsyncClient(router) as client:
-        await conc_pass(client, xq[:inflight], k, nprobe, inflight)  # warm the channel
+        multiplexed = StreamSearch(client) if stream else None
+
+        async def search(q: np.ndarray) -> np.ndarray:
+            request = build_request(
+                pipeline="search",
+                collection=NAME,
+                k=k,
+                nprobe=nprobe,
+                omit_hits=True,
+                inputs={"query": q},
+            )
+            if multiplexed is not None:
+                reply = await multiplexed.infer(request)
+            else:
+                reply = await client.stub.Infer(request, timeout=60)
+            return to_numpy(next(t for t in reply.outputs if t.name == "ids"))[0]
+
+        await conc_pass(search, xq[:inflight], k, inflight)  # warm the channel
         t = time.perf_counter()
-        first = await conc_pass(client, xq, k, nprobe, inflight)
+        first = await conc_pass(search, xq, k, inflight)
         passes = 1
         while time.perf_counter() - t < min_s:
-            await conc_pass(client, xq, k, nprobe, inflight)
+            await conc_pass(search, xq, k, inflight)
             passes += 1
-        return first, passes * len(xq) / (time.perf_counter() - t)
+        qps = passes * len(xq) / (time.perf_counter() - t)
+        if multiplexed is not None:
+            await multiplexed.close()
+        return first, qps
 
 
 def load() -> str:
@@ -255,10 +305,11 @@ def main() -> None:
             print(f"mesh up, collection advertised in {time.perf_counter() - t:.1f}s")
             print(
                 f"{'nprobe':>6} {'batch':>5} {'R raw':>6} {'raw qps':>8} {'R req':>6} "
-                f"{'req qps':>8} {'x':>5} {'R conc':>6} {'conc qps':>8} {'x':>5}",
+                f"{'req qps':>8} {'x':>5} {'R conc':>6} {'conc qps':>8} {'x':>5} "
+                f"{'R strm':>6} {'strm qps':>8} {'x':>5}",
                 flush=True,
             )
-            rows = []
+            rows: list[Row] = []
             with Client(mesh.router_address) as client:
                 for nprobe in nprobes:
                     ivf.nprobe = nprobe
@@ -273,15 +324,34 @@ def main() -> None:
                         )
                         conc_ids, conc_qps = asyncio.run(
                             conc_timed(
-                                mesh.router_address, data.xq, args.k, nprobe, batch, args.min_s
+                                mesh.router_address,
+                                data.xq,
+                                args.k,
+                                nprobe,
+                                batch,
+                                args.min_s,
+                                stream=False,
                             )
                         )
-                        r = [recall(i, data.truth) for i in (raw_ids, req_ids, conc_ids)]
-                        rows.append((nprobe, batch, r, raw_qps, req_qps, conc_qps))
+                        strm_ids, strm_qps = asyncio.run(
+                            conc_timed(
+                                mesh.router_address,
+                                data.xq,
+                                args.k,
+                                nprobe,
+                                batch,
+                                args.min_s,
+                                stream=True,
+                            )
+                        )
+                        ids = (raw_ids, req_ids, conc_ids, strm_ids)
+                        r = [recall(i, data.truth) for i in ids]
+                        rows.append((nprobe, batch, r, raw_qps, req_qps, conc_qps, strm_qps))
                         print(
                             f"{nprobe:>6} {batch:>5} {r[0]:6.3f} {raw_qps:8.0f} {r[1]:6.3f} "
                             f"{req_qps:8.0f} {req_qps / raw_qps:5.2f} {r[2]:6.3f} "
-                            f"{conc_qps:8.0f} {conc_qps / raw_qps:5.2f}",
+                            f"{conc_qps:8.0f} {conc_qps / raw_qps:5.2f} {r[3]:6.3f} "
+                            f"{strm_qps:8.0f} {strm_qps / raw_qps:5.2f}",
                             flush=True,
                         )
     print(f"load average at end: {load()}")
@@ -304,7 +374,7 @@ def wait_advertised(router: str, n: int, timeout: float = 300.0) -> None:
         ing.close()
 
 
-def report(rows: list[tuple[int, int, list[float], float, float, float]]) -> None:
+def report(rows: list[Row]) -> None:
     """Goals at the chosen nprobe (the smallest whose raw recall reaches 0.95)."""
     ok = [r for r in rows if r[2][0] >= 0.95]
     if not ok:
@@ -312,14 +382,14 @@ def report(rows: list[tuple[int, int, list[float], float, float, float]]) -> Non
         return
     chosen = min(r[0] for r in ok)
     print(f"chosen nprobe {chosen} (smallest with raw recall@10 >= 0.95)")
-    for nprobe, batch, r, raw, req, conc in rows:
+    for nprobe, batch, r, raw, req, conc, strm in rows:
         if nprobe != chosen:
             continue
-        same = abs(r[1] - r[0]) <= 0.005 and abs(r[2] - r[0]) <= 0.005
+        same = all(abs(m - r[0]) <= 0.005 for m in r[1:])
         goal = 0.8 if batch == 1 else (1.0 if batch < 256 else 2.0)
-        best = max(req, conc) / raw
+        best = max(req, conc, strm) / raw
         print(
-            f"batch {batch:>4}: recall raw {r[0]:.3f} mesh {r[1]:.3f}/{r[2]:.3f} "
+            f"batch {batch:>4}: recall raw {r[0]:.3f} mesh {r[1]:.3f}/{r[2]:.3f}/{r[3]:.3f} "
             f"({'equal' if same else 'DIFFERENT'}); best mesh {best:.2f}x raw, goal "
             f"{goal}x: {'met' if best >= goal else 'MISSED'}"
         )
