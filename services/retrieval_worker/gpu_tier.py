@@ -211,6 +211,32 @@ class HotBlock:
             out_i[q_np, r_np] = i_all[keep].cpu().numpy()
         return out_s, out_i
 
+    def assign(
+        self, queries: np.ndarray, centroids: np.ndarray, nprobe: int, cache: dict[str, Any]
+    ) -> np.ndarray:
+        """The nprobe nearest lists of each query, computed on this block's device.
+
+        Same ranking as the CPU coarse quantizer (an exact flat scan): inner product, or
+        squared L2 via ``|c|^2 - 2 q.c``. On the GPU this takes a fraction of a millisecond
+        where FAISS's CPU scan of every centroid was a quarter of a hot search's time, and it
+        is the part of a search that does not shrink when blocks spread over more GPUs.
+        ``cache`` belongs to the caller's snapshot and keeps the device copy of the centroids.
+        """
+        torch = _torch()
+        with torch.inference_mode():
+            if "centroids" not in cache:
+                c_dev = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(
+                    self.device
+                )
+                cache["centroids"], cache["norms"] = c_dev, (c_dev * c_dev).sum(1)
+            c_dev, c_norms = cache["centroids"], cache["norms"]
+            q_dev = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.device)
+            scores = q_dev @ c_dev.T
+            if self.sq_norms is not None:  # l2: nearest = largest 2 q.c - |c|^2
+                scores.mul_(2.0).sub_(c_norms)
+            _, idx = torch.topk(scores, min(nprobe, c_dev.shape[0]), dim=1)
+            return idx.cpu().numpy().astype(np.int64)
+
     def _topk(self, qs: Any, probed: Any, k: int) -> tuple[Any, Any]:
         """Device top-min(k, rows) scores and row indices of ``qs`` over probed lists."""
         torch = _torch()

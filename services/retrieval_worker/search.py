@@ -170,6 +170,8 @@ class Searcher:
         self._present = np.zeros(nlist, dtype=bool)
         self._faiss_readable = np.zeros(nlist, dtype=bool)
         self._hot = np.zeros(nlist, dtype=bool)  # lists whose block scans itself (GPU)
+        self._centroid_array: np.ndarray | None = None
+        self._device_cache: dict[str, Any] = {}  # device copy of the centroids (hot tier)
         for b, view in self.blocks.items():
             lo, hi = b * lists_per_block, min((b + 1) * lists_per_block, nlist)
             self._present[lo:hi] = True
@@ -227,7 +229,11 @@ class Searcher:
         if not isinstance(nprobe, int | np.integer) or not 1 <= nprobe <= self.nlist:
             raise InvalidArgument(f"nprobe must be in [1, nlist={self.nlist}], got {nprobe!r}")
         n = q.shape[0]
-        _, assign = self.quantizer.search(q, int(nprobe))
+        device_assign = self._device_assigner()
+        if device_assign is not None:
+            assign = device_assign.assign(q, self._centroids(), int(nprobe), self._device_cache)
+        else:
+            _, assign = self.quantizer.search(q, int(nprobe))
         allowed = self._present
         if block_filter is not None:
             allowed = allowed.copy()
@@ -258,6 +264,21 @@ class Searcher:
         if hot is not None:
             s, i = _merge_best(s, i, *hot, k)
         return (*self._external(q, s, i), reads)
+
+    def _device_assigner(self) -> Any:
+        """A hot block whose device can rank the centroids (when a GPU holds hot blocks)."""
+        if not self._hot.any():
+            return None
+        for view in self.blocks.values():
+            if isinstance(view, ScansItself) and hasattr(view, "assign"):
+                return view
+        return None
+
+    def _centroids(self) -> np.ndarray:
+        """The coarse centroids as an array (read from the quantizer once per snapshot)."""
+        if self._centroid_array is None:
+            self._centroid_array = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
+        return self._centroid_array
 
     def _search_hot(
         self,
