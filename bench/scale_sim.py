@@ -4,12 +4,14 @@ The model (docs/scale.md, "Simulation"): one search batch through the mesh costs
 
     latency = overhead + worker phase + (N - 1) * rpc + merge(N)
 
-- ``overhead``: router + batcher + gRPC hops at N = 1, sampled from a real one-worker mesh
-  (client latency minus the retrieve step's ``exec_ms``);
-- ``worker phase``: the max over the N workers of each one's ``exec_ms`` for its part of a
-  real block cover (``services.batcher.scatter.cover``) of the collection, measured per query
-  batch by sending each part as its own Search to the worker (so the N parts of one sample
-  come from the same queries: a part that drew more probed lists is slower, as in the mesh);
+- ``overhead``: router + batcher + client hops at N = 1, sampled from a real one-worker mesh
+  (client latency minus the retrieve step's ``exec_ms``, minus the mean batcher -> worker
+  hop, which moves into each worker's branch);
+- ``worker phase``: the max over the N workers of each one's hop + ``exec_ms`` for its part
+  of a real block cover (``services.batcher.scatter.cover``) of the collection, measured per query
+  batch by sending each part as its own Search to the worker and timing it at the client
+  (so the N parts of one sample come from the same queries: a part that drew more probed
+  lists is slower, as in the mesh; and each branch carries its own hop);
 - ``rpc``: the batcher's CPU for one more Search RPC (it issues and decodes them one after
   another on its event loop), measured as client process CPU per Search;
 - ``merge(N)``: ``shared.topk.merge_topk`` of N (batch, k) answers, measured.
@@ -83,6 +85,8 @@ class Profile:
     recall: float = 0.0
     overhead_ms: dict[str, list[float]] = field(default_factory=dict)
     parts_ms: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    parts_wall_ms: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    """Same calls as ``parts_ms``, client wall time: the hop to the worker and back included."""
     merge_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     rpc_cpu_ms: dict[str, float] = field(default_factory=dict)
     worker_cores: dict[str, float] = field(default_factory=dict)
@@ -105,12 +109,13 @@ class Profile:
 # Measuring
 
 
-def build_collection(root: Path, s: Setup) -> Data:
+def build_collection(root: Path, s: Setup, data: Data | None = None, name: str = NAME
+                     ) -> Data:
     """The seeded synthetic mixture, bulk-built offline into ``root`` (a collections dir)."""
-    data = synthetic(s.n, s.dim, s.centres, s.queries, s.k, s.seed)
-    spec = CollectionSpec(name=NAME, dim=s.dim, nlist=s.nlist, metric="ip",
+    data = data or synthetic(s.n, s.dim, s.centres, s.queries, s.k, s.seed)
+    spec = CollectionSpec(name=name, dim=s.dim, nlist=s.nlist, metric="ip",
                           lists_per_block=s.lists_per_block)
-    bulk.build(root / NAME, spec, np.arange(s.n), data.xb, stream_seq=0)
+    bulk.build(root / name, spec, np.arange(s.n), data.xb, stream_seq=0)
     return data
 
 
@@ -124,13 +129,19 @@ def _spin(seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     out.put(count)
 
 
-def speedup_curve(procs: tuple[int, ...] = (1, 2, 3, 4, 6, 8), seconds: float = 1.0
+def speedup_curve(procs: tuple[int, ...] = (1, 2, 3, 4, 6, 8), seconds: float = 0.7
                   ) -> dict[str, float]:
     """S(P): work of P concurrent busy processes relative to one, on this machine now.
 
     Measures the cores this run can actually get (other tenants' load included), which is
     what N retrieval workers on one machine compete for.
     """
+    work = spin_work(procs, seconds)
+    return {str(p): work[p] / work[procs[0]] for p in procs}
+
+
+def spin_work(procs: tuple[int, ...], seconds: float) -> dict[int, int]:
+    """Loop iterations done by P concurrent busy processes in ``seconds``, per P."""
     ctx = mp.get_context("fork")
     work: dict[int, int] = {}
     for p in procs:
@@ -141,7 +152,7 @@ def speedup_curve(procs: tuple[int, ...] = (1, 2, 3, 4, 6, 8), seconds: float = 
         work[p] = sum(q.get() for _ in ps)
         for proc in ps:
             proc.join()
-    return {str(p): work[p] / work[procs[0]] for p in procs}
+    return work
 
 
 def merge_table(ns: Sequence[int], batches: tuple[int, ...], k: int, reps: int = 30
@@ -171,8 +182,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure_overhead(router: str, xq: np.ndarray, s: Setup, batch: int, count: int
-                           ) -> tuple[list[float], list[float]]:
+async def measure_overhead(router: str, xq: np.ndarray, s: Setup, batch: int, count: int,
+                           collection: str = NAME) -> tuple[list[float], list[float]]:
     """Router.Infer at concurrency 1: client latencies and the part not spent on the worker."""
     total: list[float] = []
     over: list[float] = []
@@ -180,9 +191,9 @@ async def measure_overhead(router: str, xq: np.ndarray, s: Setup, batch: int, co
         for i in range(count + 3):
             lo = (i * batch) % (len(xq) - batch + 1)
             t = time.perf_counter()
-            r = await client.infer(pipeline="search", collection=NAME, k=s.k, nprobe=s.nprobe,
-                                   omit_hits=True, inputs={"query": xq[lo : lo + batch]},
-                                   timeout=60)
+            r = await client.infer(pipeline="search", collection=collection, k=s.k,
+                                   nprobe=s.nprobe, omit_hits=True,
+                                   inputs={"query": xq[lo : lo + batch]}, timeout=60)
             ms = (time.perf_counter() - t) * 1000.0
             if i < 3:  # warm the channel and the worker's caches
                 continue
@@ -193,8 +204,10 @@ async def measure_overhead(router: str, xq: np.ndarray, s: Setup, batch: int, co
 
 
 async def measure_parts(worker: str, worker_pid: int, xq: np.ndarray, s: Setup, batch: int,
-                        ns: Sequence[int], samples: int
-                        ) -> tuple[dict[str, list[list[float]]], float, float]:
+                        ns: Sequence[int], samples: int, collection: str = NAME,
+                        offset: int = 0
+                        ) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]],
+                                   float, float]:
     """Per N: samples of the N part latencies (worker ``exec_ms``) of a real block cover.
 
     Also the client CPU per Search RPC (what one more worker costs the batcher's event loop)
@@ -210,6 +223,7 @@ async def measure_parts(worker: str, worker_pid: int, xq: np.ndarray, s: Setup, 
     allb = frozenset(range(nblocks))
     plans = {n: list(cover({f"w{i}": allb for i in range(n)}).values()) for n in ns}
     out: dict[str, list[list[float]]] = {str(n): [] for n in ns}
+    walls: dict[str, list[list[float]]] = {str(n): [] for n in ns}
     calls, wall_total = 0, 0.0
     async with grpc.aio.insecure_channel(
         worker, options=[("grpc.max_receive_message_length", 64 << 20),
@@ -217,28 +231,30 @@ async def measure_parts(worker: str, worker_pid: int, xq: np.ndarray, s: Setup, 
     ) as ch:
         stub = retrieval_worker_pb2_grpc.RetrievalWorkerStub(ch)
 
-        async def search(q: np.ndarray, blocks: list[int]) -> float:
+        async def search(q: np.ndarray, blocks: list[int]) -> tuple[float, float]:
+            t = time.perf_counter()
             r = await stub.Search(retrieval_worker_pb2.SearchRequest(
-                collection=NAME, queries=from_numpy("queries", q), k=s.k, nprobe=s.nprobe,
+                collection=collection, queries=from_numpy("queries", q), k=s.k, nprobe=s.nprobe,
                 blocks=blocks, omit_hits=True), timeout=60)
-            return float(r.exec_ms)
+            return float(r.exec_ms), (time.perf_counter() - t) * 1000.0
 
         for _ in range(3):  # warm-up
             await search(xq[:batch], sorted(allb))
         cpu0, wcpu0 = time.process_time(), _cpu_s(worker_pid)
-        for j in range(samples):
+        for j in range(offset, offset + samples):
             lo = (j * batch * 7) % (len(xq) - batch + 1)
             q = np.ascontiguousarray(xq[lo : lo + batch])
             for n in ns:
                 t = time.perf_counter()
                 ms = [await search(q, part) for part in plans[n]]
                 wall_total += time.perf_counter() - t
-                out[str(n)].append(ms)
+                out[str(n)].append([e for e, _ in ms])
+                walls[str(n)].append([w for _, w in ms])
                 calls += len(ms)
         cpu1, wcpu1 = time.process_time(), _cpu_s(worker_pid)
     rpc_cpu_ms = (cpu1 - cpu0) * 1000.0 / calls
     cores = (wcpu1 - wcpu0) / wall_total if wall_total else 1.0
-    return out, rpc_cpu_ms, cores
+    return out, walls, rpc_cpu_ms, cores
 
 
 async def collect(router: str, worker: str, worker_pid: int, data: Data, s: Setup,
@@ -253,9 +269,10 @@ async def collect(router: str, worker: str, worker_pid: int, data: Data, s: Setu
         _, over = await measure_overhead(router, data.xq, s, b, max(requests // max(b // 16, 1),
                                                                       12))
         prof.overhead_ms[str(b)] = over
-        parts, rpc, cores = await measure_parts(worker, worker_pid, data.xq, s, b, ns,
-                                                max(samples // max(b // 32, 1), 8))
+        parts, walls, rpc, cores = await measure_parts(worker, worker_pid, data.xq, s, b, ns,
+                                                       max(samples // max(b // 32, 1), 8))
         prof.parts_ms[str(b)] = parts
+        prof.parts_wall_ms[str(b)] = walls
         prof.rpc_cpu_ms[str(b)] = rpc
         prof.worker_cores[str(b)] = cores
         print(f"  batch {b}: overhead p50 {np.median(over):.2f} ms, one part of N=1 p50 "
@@ -387,6 +404,16 @@ def predict(prof: Profile, n: int, batch: int, shared: bool, draws: int = 20_000
     key = str(batch)
     over = np.asarray(prof.overhead_ms[key])
     parts = prof.parts_ms[key][str(n)]
+    walls = prof.parts_wall_ms.get(key, {}).get(str(n))
+    if walls:
+        # The hop to each worker is part of that worker's branch: the request waits for the
+        # slowest (hop + exec) of N, not one hop plus the slowest exec. On a loaded machine a
+        # worker's wake-up alone varies by milliseconds, so this matters most at batch 1.
+        hop = float(np.mean([w - e for wp, ep in zip(prof.parts_wall_ms[key]["1"],
+                                                       prof.parts_ms[key]["1"], strict=True)
+                             for w, e in zip(wp, ep, strict=True)]))
+        over = over - hop
+        parts = walls
     phase = np.asarray([max(p) for p in parts])
     lat = over[rng.integers(0, len(over), draws)] + phase[rng.integers(0, len(phase), draws)] \
         * (slowdown(prof, n, batch) if shared else 1.0)
@@ -471,13 +498,13 @@ async def collect_with_mesh(s: Setup, batches: tuple[int, ...], ns: Sequence[int
         with LocalMesh(Path(tmp) / "mesh", replicas={"inference-worker": 0, "tiering": 0,
                                                      "retrieval-worker": 0}) as mesh:
             mesh.start()
-            child = add_worker(mesh, base, Path(tmp), 0)
+            child = add_worker(mesh, base, Path(tmp) / "worker-0", 0)
             await wait_workers(mesh.router_address, data.xq, s, 1)
             return await collect(mesh.router_address, mesh.endpoints[child], mesh.child(child).pid,
                                  data, s, batches, ns, samples, requests)
 
 
-def add_worker(mesh: object, base: Path, tmp: Path, i: int) -> str:
+def add_worker(mesh: object, base: Path, own: Path, i: int) -> str:
     """Start retrieval worker ``i`` on its own copy of the collections dir; its child name.
 
     Every worker holds every collection; a private copy keeps the replicas' files apart, as
@@ -486,21 +513,20 @@ def add_worker(mesh: object, base: Path, tmp: Path, i: int) -> str:
     from shared.cli.supervisor import LocalMesh
 
     assert isinstance(mesh, LocalMesh)
-    own = tmp / f"worker-{i}"
     shutil.copytree(base, own)
     mesh.service_env["retrieval-worker"] = {"INFERMESH_COLLECTIONS_DIR": str(own)}
     mesh.add("retrieval-worker", f"-{i}", timeout=120)
     return f"retrieval-worker-{i}"
 
 
-async def wait_workers(router: str, xq: np.ndarray, s: Setup, n: int, timeout: float = 180.0
-                       ) -> None:
-    """Until a search through the router fans out to ``n`` workers."""
+async def wait_workers(router: str, xq: np.ndarray, s: Setup, n: int, timeout: float = 180.0,
+                       collection: str = NAME) -> None:
+    """Until a search of ``collection`` through the router fans out to ``n`` workers."""
     deadline = time.monotonic() + timeout
     async with AsyncClient(router) as client:
         while True:
             try:
-                r = await client.infer(pipeline="search", collection=NAME, k=s.k,
+                r = await client.infer(pipeline="search", collection=collection, k=s.k,
                                        nprobe=s.nprobe, omit_hits=True, inputs={"query": xq[:1]},
                                        timeout=10)
                 step = next(x for x in r.timings if x.step == "retrieve")
