@@ -35,6 +35,8 @@ from shared.tensors import require_finite, to_numpy
 #: Largest ingest message; the local nats.conf allows 8 MiB, a server may allow less.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_ROWS = 1_000_000
+#: Largest vector component accepted (its square, times any dim, stays finite in float32).
+MAX_ABS_VALUE = 1e15
 
 
 def _ids(t: object, what: str = "ids") -> np.ndarray:
@@ -198,6 +200,13 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
                 f"[{n}, {decl.dim}] ({n} ids)"
             )
         require_finite("vectors", vectors)
+        if vectors.size and float(np.abs(vectors).max()) > MAX_ABS_VALUE:
+            # Squared distances of larger values overflow float32 in the retrieval worker,
+            # and FAISS aborts the whole process on the inf assignments that follow.
+            raise InvalidArgument(
+                f"vectors hold a value of magnitude {float(np.abs(vectors).max()):.3g}; "
+                f"the limit is {MAX_ABS_VALUE:.0e}"
+            )
         payloads: list[bytes] | None = None
         if texts or any(m is not None for m in metadata):
             payloads = [
