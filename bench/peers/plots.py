@@ -66,19 +66,20 @@ def throughput_vs_p99(result: dict[str, Any], out: Path) -> Path | None:
 
 
 def policy_trace(batching: dict[str, Any], out: Path) -> Path | None:
-    """The controller's max batch size (per law) over bench/batching.py's load trace."""
+    """The controller's policy over bench/batching.py's load trace: cap, load, p99 vs SLO."""
     policy = batching.get("policy") or {}
     if not policy:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    args = batching.get("args", {})
+    fig, (ax, low) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     for label, points in policy.items():
+        t = [p["t"] for p in points]
         ax.step(
-            [p["t"] for p in points],
-            [p["max_batch_size"] for p in points],
-            where="post",
-            label=f"max batch size, {label}",
+            t, [p["max_batch_size"] for p in points], where="post", label=f"max batch size, {label}"
         )
-    ax.set_xlabel("time (s)")
+        low.step(t, [p["p99_ms"] for p in points], where="post", label=f"p99 seen, {label}")
     ax.set_ylabel("max batch size")
     ax.set_yscale("log", base=2)
     rate = batching.get("rate") or []
@@ -93,7 +94,12 @@ def policy_trace(batching: dict[str, Any], out: Path) -> Path | None:
         )
         twin.set_ylabel("offered load (requests/s)")
         twin.legend(loc="upper right", fontsize=7)
-    args = batching.get("args", {})
+    if "slo_ms" in args:
+        low.axhline(float(args["slo_ms"]), color="red", linestyle=":", label="SLO")
+    low.set_xlabel("time (s)")
+    low.set_ylabel("p99 at the batcher (ms)")
+    low.legend(loc="upper left", fontsize=7)
+    low.grid(alpha=0.3)
     ax.set_title(
         f"batch controller over the load trace (bench/batching.py, model "
         f"{args.get('model', '?')}, SLO {args.get('slo_ms', '?')} ms)",
