@@ -10,6 +10,10 @@ from shared.errors import InvalidArgument
 from shared.events import ModelSpec
 from shared.tensors import dtype_name
 
+#: Largest magnitude a stored vector element may have: beyond it squared norms and distances
+#: overflow float32 inside FAISS (k-means then aborts the process on an invalid assignment).
+MAX_VECTOR_ABS = 1e15
+
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000
 

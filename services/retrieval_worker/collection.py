@@ -69,6 +69,7 @@ from services.retrieval_worker.manifest import (
 )
 from services.retrieval_worker.payloads import PAYLOADS_NAME, PayloadStore, encode_payload
 from services.retrieval_worker.search import DEFAULT_CROSSOVER, Searcher, check_queries
+from shared.validation import MAX_VECTOR_ABS
 
 
 class CollectionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -324,6 +325,12 @@ class Collection:
             (0, self.spec.dim), np.float32)
         if vec.shape[0] != ids.size:
             raise InvalidArgument(f"{ids.size} ids but {vec.shape[0]} vectors")
+        if vec.size and float(np.abs(vec).max()) > MAX_VECTOR_ABS:
+            # Checked here too, not only at the router: FAISS aborts the whole process on the
+            # overflow, and the stream may hold messages from another writer.
+            raise InvalidArgument(
+                f"vector values must be within +-{MAX_VECTOR_ABS:.0e} (distances overflow float32)"
+            )
         enc: list[bytes | None] | None = None
         if payloads is not None:
             if len(payloads) != ids.size:

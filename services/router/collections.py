@@ -31,12 +31,11 @@ from shared.pb.infermesh.v1 import (
     retrieval_worker_pb2_grpc,
 )
 from shared.tensors import require_finite, to_numpy
+from shared.validation import MAX_VECTOR_ABS
 
 #: Largest ingest message; the local nats.conf allows 8 MiB, a server may allow less.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_ROWS = 1_000_000
-#: Largest vector component accepted (its square, times any dim, stays finite in float32).
-MAX_ABS_VALUE = 1e15
 
 
 def _ids(t: object, what: str = "ids") -> np.ndarray:
@@ -117,7 +116,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
             ) from None
         live = self._live(collection)
         endpoint = random.choice(live)
-        return endpoint, self._channels.stub(endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub)
+        stub = self._channels.stub(endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub)
+        return endpoint, stub
 
     async def _call(self, method: str, request: object, collection: str = "") -> object:
         for attempt in range(3):
@@ -200,12 +200,12 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
                 f"[{n}, {decl.dim}] ({n} ids)"
             )
         require_finite("vectors", vectors)
-        if vectors.size and float(np.abs(vectors).max()) > MAX_ABS_VALUE:
+        if vectors.size and float(np.abs(vectors).max()) > MAX_VECTOR_ABS:
             # Squared distances of larger values overflow float32 in the retrieval worker,
             # and FAISS aborts the whole process on the inf assignments that follow.
             raise InvalidArgument(
                 f"vectors hold a value of magnitude {float(np.abs(vectors).max()):.3g}; "
-                f"the limit is {MAX_ABS_VALUE:.0e}"
+                f"the limit is {MAX_VECTOR_ABS:.0e}"
             )
         payloads: list[bytes] | None = None
         if texts or any(m is not None for m in metadata):

@@ -259,3 +259,15 @@ def test_spec_rejects_nonsense():
         CollectionSpec(name="x", dim=4, nlist=8, lists_per_block=9)
     with pytest.raises(InvalidArgument):
         CollectionSpec(name="x", dim=4, metric="cosine")  # type: ignore[arg-type]
+
+
+def test_vectors_too_large_for_float32_distances_are_refused_before_faiss_sees_them(
+    tmp_path: Path,
+) -> None:
+    from services.retrieval_worker.manifest import CollectionSpec
+
+    col = Collection.create(tmp_path / "big", CollectionSpec(name="big", dim=8, nlist=4, lists_per_block=2))
+    huge = np.full((4, 8), 1e19, dtype=np.float32)
+    with pytest.raises(InvalidArgument, match="within"):
+        col.upsert(np.arange(4), huge, seq=1)
+    col.close()
