@@ -133,9 +133,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 parts, walls, rpc_ms, used = await measure_parts(
                     worker, pid, data.xq, s, b, workers, max(8 // max(b // 32, 1), 2),
                     offset=r * 8)
-                for n, samples in parts.items():
-                    prof.parts_ms.setdefault(key, {}).setdefault(n, []).extend(samples)
-                    prof.parts_wall_ms.setdefault(key, {}).setdefault(n, []).extend(walls[n])
+                for nk, samples in parts.items():
+                    prof.parts_ms.setdefault(key, {}).setdefault(nk, []).extend(samples)
+                    prof.parts_wall_ms.setdefault(key, {}).setdefault(nk, []).extend(walls[nk])
                 rpc[key].append(rpc_ms)
                 cores[key].append(used)
             # the speedup curve too is sampled every round (load drifts within a minute)
