@@ -14,6 +14,12 @@ before a collection is first reported, its blocks are placed as the KV says, so 
 worker comes back in the tiers it had and its first report agrees with the tiering service
 (no moves back and forth).
 
+A promotion that would take a tier over this worker's budget is refused (``TierMoved`` with
+ok false) and re-planned: the tiering service plans with the tiers it last heard of, while
+moves it published earlier wait here to be applied one at a time, so two rounds can spend
+the same freed bytes (measured with bench/tiering.py: 80 MB warm under a 62 MB budget while
+moves queued). The check is against what is placed now, so the budget is a hard bound.
+
 Default tier of a block nobody placed (a new collection, a new block, no KV entry): warm
 while this worker's warm allowance lasts, then cold (:class:`WarmAllowance`). A small
 collection is served from RAM with no tiering service at all, and a large one never
@@ -35,7 +41,7 @@ from services.retrieval_worker.blocks import Tier
 from services.retrieval_worker.holdings import Holdings
 from shared import metrics
 from shared.bus import Bus
-from shared.errors import InfermeshError
+from shared.errors import FailedPrecondition, InfermeshError
 from shared.events import (
     PLACEMENT_BUCKET,
     TIERING_ACCESS,
@@ -186,13 +192,46 @@ class TierAgent:
         for event in self.accesses():
             await self.bus.publish(f"{TIERING_ACCESS}.{self.token}", event)
 
+    def check_budget(self, collection: str, block: int, tier: Tier) -> None:
+        """Raise FailedPrecondition if moving the block would take ``tier`` over budget."""
+        if tier is Tier.WARM:
+            budget = self.warm_budget
+        elif tier is Tier.HOT and self.hot_budget > 0:
+            budget = self.hot_budget  # 0: no GPU, and place() says so itself
+        else:
+            return
+        used = size = 0
+        for name, held in list(self.holdings.held.items()):
+            col = held.collection
+            sizes = col.block_bytes()
+            for b, t in col.placement().items():
+                if name == collection and b == block:
+                    if t is tier:
+                        return  # already there: it takes nothing more
+                    # its size where it is now: a cold block's files are its rows plus the
+                    # .npy headers, so this errs on the safe side
+                    size = sizes[b]
+                elif t is tier:
+                    used += sizes[b]
+        if used + size > budget:
+            raise FailedPrecondition(
+                f"{tier.value} budget: {used} bytes placed + {size} of {collection}/{block} > "
+                f"{budget}; re-planned once the demotions ahead of it have landed"
+            )
+
     async def on_move(self, move: TierMove) -> None:
         """Apply one move in a thread and confirm it (or say why it failed)."""
         start = time.perf_counter()
         error = ""
+        over_budget = False
         async with self._moving:
             try:
                 held = self.holdings.get(move.collection)
+                try:
+                    self.check_budget(move.collection, move.block, Tier(move.tier))
+                except FailedPrecondition:
+                    over_budget = True
+                    raise
                 await asyncio.to_thread(held.collection.place, move.block, Tier(move.tier))
             except (InfermeshError, ValueError, MemoryError, RuntimeError, OSError) as exc:
                 # torch reports CUDA out-of-memory as a RuntimeError; the reason goes back to
@@ -200,8 +239,10 @@ class TierAgent:
                 error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - start
         if error:
-            log.warning("move of %s/%d to %s failed: %s", move.collection, move.block,
-                        move.tier, error)
+            # a refusal over budget is routine while moves queue: not worth a warning
+            log.log(logging.INFO if over_budget else logging.WARNING,
+                    "move of %s/%d to %s failed: %s", move.collection, move.block, move.tier,
+                    error)
         await self.bus.publish(f"{TIERING_MOVED}.{self.token}", TierMoved(
             worker=self.instance, collection=move.collection, block=move.block, tier=move.tier,
             revision=move.revision, ok=not error, error=error, seconds=seconds,

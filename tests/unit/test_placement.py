@@ -84,3 +84,13 @@ def test_demotions_come_before_promotions() -> None:
     target = plan(stats, {"w": Budget(warm=100)})
     order = moves(stats, target)
     assert order == [(("w", "c", 0), "cold"), (("w", "c", 1), "warm")]
+
+
+def test_a_read_or_two_more_does_not_displace_an_incumbent_at_the_budget_edge() -> None:
+    # at the edge of a budget frequencies are a read or two: noise, not popularity
+    stats = [stat(0, 1.0, tier="warm"), stat(1, 2.5)]
+    target = plan(stats, {"w": Budget(warm=100)}, hysteresis=1.25)
+    assert target[("w", "c", 0)] == "warm"
+    stats[1].frequency = 6.0  # clearly more: 1.25 * 1 + 2 = 3.25 is the bar
+    target = plan(stats, {"w": Budget(warm=100)}, hysteresis=1.25)
+    assert target[("w", "c", 1)] == "warm"
