@@ -65,12 +65,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--levels", default="1,32")
     parser.add_argument("--json", type=Path, default=None, help="write results here")
-    parser.add_argument("--no-tracing", action="store_true", help="services without OTel spans")
+    parser.add_argument(
+        "--tracing",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="services' tracing interceptors (auto: off unless an OTLP endpoint is set)",
+    )
     ns = parser.parse_args()
     levels = [int(c) for c in ns.levels.split(",")]
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        env = {"INFERMESH_TRACING": "false"} if ns.no_tracing else {}
+        env = {"INFERMESH_TRACING": ns.tracing}
         mesh = LocalMesh(
             Path(tmp), env=env, service_env={"inference-worker": {"INFERMESH_MODELS": "echo"}}
         )
@@ -96,7 +101,8 @@ def main() -> int:
         d, m = by[("direct worker", 32)], by[("router+batcher", 32)]
         ratio = m.throughput / d.throughput
         verdicts.append(
-            f"c=32 mesh/direct throughput {ratio:.2f}x (goal >= 0.5): {'OK' if ratio >= 0.5 else 'MISS'}"
+            f"c=32 mesh/direct throughput {ratio:.2f}x (goal >= 0.5): "
+            + ("OK" if ratio >= 0.5 else "MISS")
         )
     print("\n".join(verdicts))
     if ns.json:

@@ -46,7 +46,7 @@ class Service:
         self.health: health.aio.HealthServicer | None = None
         self.transport = rpc.Transport.from_files(
             config.max_message_bytes,
-            config.tracing,
+            config.tracing_enabled(),
             config.tls_ca,
             config.tls_cert,
             config.tls_key,

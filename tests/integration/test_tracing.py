@@ -40,7 +40,7 @@ def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
 async def test_one_request_is_one_connected_trace_from_router_to_model(
     nats_server, tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    async with echo_mesh(nats_server.url, tmp_path) as mesh:
+    async with echo_mesh(nats_server.url, tmp_path, tracing="true") as mesh:
         async with AsyncClient(mesh["router"].endpoint) as client:
 
             async def ready() -> bool:

@@ -53,3 +53,12 @@ def test_bad_inputs_are_rejected_saying_what_was_wrong(
 ) -> None:
     with pytest.raises(InvalidArgument, match=message):
         check_inputs(SPEC, inputs, texts)
+
+
+def test_tracing_interceptors_follow_the_exporter_unless_set_explicitly() -> None:
+    auto = from_env(RouterConfig, {})
+    assert not auto.tracing_enabled({})
+    assert auto.tracing_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert from_env(RouterConfig, {"INFERMESH_TRACING": "true"}).tracing_enabled({})
+    off = from_env(RouterConfig, {"INFERMESH_TRACING": "false"})
+    assert not off.tracing_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
