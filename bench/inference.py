@@ -1,0 +1,143 @@
+"""MiniLM on ONNX Runtime: raw in-process throughput vs the same model through the mesh.
+
+Raw: the built `minilm-l6` graph in one onnxruntime session (all cores), 32-token inputs,
+at batch 1/8/32/64. Mesh: client -> router -> batcher -> inference worker (processes), one
+32-token text per request, closed loop at concurrency 1/8/32. Same texts, same machine, one
+run. Goal (issue 3): mesh throughput at c=32 >= 0.85x the raw best-batch throughput, with
+p99 within the model's SLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_inference import make_texts  # noqa: E402
+from bench.loadgen import closed_loop, machine, table  # noqa: E402
+from shared.cli.supervisor import LocalMesh  # noqa: E402
+from shared.client import AsyncClient  # noqa: E402
+
+MODEL = "minilm-l6"
+
+
+def raw_ort(model_dir: Path, texts: list[str], batches: list[int], seconds: float) -> list[dict]:
+    """Sentences/s of one onnxruntime session at each batch size (tokenization included)."""
+    import onnxruntime as ort
+
+    from services.inference_worker.text import TextEncoder
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), sess_options=options)
+    encoder = TextEncoder(model_dir)
+    rows = []
+    for b in batches:
+        chunk = texts[:b]
+        calls = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or calls < 3:
+            ids, mask = encoder.encode(chunk)
+            session.run(None, {"input_ids": ids, "attention_mask": mask})
+            calls += 1
+        dt = time.perf_counter() - start
+        rows.append(
+            {
+                "path": "raw onnxruntime",
+                "batch_or_c": b,
+                "sentences_per_s": round(calls * b / dt, 1),
+                "p50_ms": round(dt / calls * 1000, 2),
+                "p99_ms": "",
+                "errors": 0,
+            }
+        )
+    return rows
+
+
+async def through_mesh(
+    router: str, texts: list[str], levels: list[int], seconds: float
+) -> list[dict]:
+    rows = []
+    async with AsyncClient(router) as client:
+        await client.infer(MODEL, texts=texts[:1], timeout=60)  # warm the worker
+        for c in levels:
+            async def call(cursor: dict[str, int] = {"i": 0}) -> object:  # noqa: B006 - per level
+                cursor["i"] += 1
+                return await client.infer(
+                    MODEL, texts=[texts[cursor["i"] % len(texts)]], timeout=30
+                )
+
+            run = await closed_loop("mesh", call, c, seconds, warmup_s=2.0)
+            rows.append(
+                {
+                    "path": "mesh Router.Infer",
+                    "batch_or_c": c,
+                    "sentences_per_s": round(run.throughput, 1),
+                    "p50_ms": round(run.pct(50), 2),
+                    "p99_ms": round(run.pct(99), 2),
+                    "errors": run.errors,
+                }
+            )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--json", type=Path, default=None)
+    ns = parser.parse_args()
+    from services.inference_worker.build_model import build
+    from services.inference_worker.text import TextEncoder
+
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        model_dir = build(Path(tmp) / "models").parent
+        texts = make_texts(TextEncoder(model_dir), 256, 32)
+        raw = raw_ort(model_dir, texts, [int(b) for b in ns.batches.split(",")], ns.seconds)
+        env = {"INFERMESH_MODELS": MODEL, "INFERMESH_MODEL_CACHE": str(Path(tmp) / "models")}
+        with LocalMesh(
+            Path(tmp) / "mesh",
+            env={"INFERMESH_LOG_LEVEL": "WARNING"},
+            replicas={"retrieval-worker": 0, "tiering": 0},
+            service_env={"inference-worker": env},
+        ) as mesh:
+            mesh.start()
+            mesh_rows = asyncio.run(
+                through_mesh(
+                    mesh.router_address, texts, [int(c) for c in ns.levels.split(",")], ns.seconds
+                )
+            )
+    rows = raw + mesh_rows
+    print(f"MiniLM-L6 (onnx backend), 32-token texts; {machine()}")
+    print(table(rows))
+    best = max(r["sentences_per_s"] for r in raw)
+    verdicts = []
+    top = max((r for r in mesh_rows), key=lambda r: r["batch_or_c"])
+    ratio = top["sentences_per_s"] / best
+    slo = json.loads((ROOT / "models" / MODEL / "config.json").read_text())["slo_ms"]
+    verdicts.append(
+        f"mesh c={top['batch_or_c']} / raw best batch: {ratio:.2f}x (goal >= 0.85): "
+        + ("OK" if ratio >= 0.85 else "MISS")
+    )
+    verdicts.append(
+        f"mesh c={top['batch_or_c']} p99 {top['p99_ms']} ms vs SLO {slo} ms: "
+        + ("OK" if float(top["p99_ms"]) <= slo else "MISS")
+    )
+    print("\n".join(verdicts))
+    if ns.json:
+        result: dict[str, Any] = {"machine": machine(), "rows": rows, "verdicts": verdicts}
+        ns.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
