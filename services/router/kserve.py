@@ -155,7 +155,14 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             versions=[spec.version],
             platform=spec.backend,
             # The batch dimension leads, as Triton reports it for models that batch.
-            inputs=[meta(name=t.name, datatype=t.dtype, shape=[-1, *t.shape]) for t in spec.inputs],
+            inputs=[meta(name=t.name, datatype=t.dtype, shape=[-1, *t.shape]) for t in spec.inputs]
+            # The same optional TEXT input ModelConfig declares: clients (perf_analyzer among
+            # them) refuse a config input that the metadata does not list.
+            + (
+                [meta(name="TEXT", datatype="BYTES", shape=[-1, 1])]
+                if spec.accepts_text and not any(t.name in TEXT_INPUTS for t in spec.inputs)
+                else []
+            ),
             outputs=[
                 meta(name=t.name, datatype=t.dtype, shape=[-1, *t.shape]) for t in spec.outputs
             ],

@@ -73,7 +73,8 @@ async def test_server_and_model_metadata_describe_the_mesh(
     meta = await call(client.get_model_metadata, "echo")
     assert meta.name == "echo" and list(meta.versions) == ["1"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("INPUT0", "FP32", [-1, -1])
+        ("INPUT0", "FP32", [-1, -1]),
+        ("TEXT", "BYTES", [-1, 1]),
     ]
     config = (await call(client.get_model_config, "echo")).config
     assert config.max_batch_size == 64
