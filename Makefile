@@ -42,7 +42,16 @@ deploy-tools:
 	      || echo "note: promtool/docker-compose/chromium not installed; their tests skip"; }; \
 	fi
 
-test: model deploy-tools
+# Triton from nvidia-pytriton in its own venv (never .venv): the triton backend's tests run
+# against a real tritonserver when it is there; a failed install only skips those tests.
+PYTRITON := .bench/pytriton
+$(PYTRITON)/.installed:
+	@mkdir -p .bench
+	@{ $(PY) -m venv $(PYTRITON) && $(PYTRITON)/bin/python -m pip --disable-pip-version-check -q \
+	    install "nvidia-pytriton==0.7.0" "numpy==1.26.4" && touch $@; } \
+	  || echo "note: nvidia-pytriton not installed; the real-Triton tests skip"
+
+test: model deploy-tools $(PYTRITON)/.installed
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 

@@ -23,8 +23,11 @@ from services.retrieval_worker.manifest import CollectionSpec
 
 @pytest.fixture
 def torch() -> ModuleType:
-    return pytest.importorskip("torch", reason="torch is not installed in this venv (the hot "
-                               "tier needs it; run these with /tmp/torchvenv)")
+    return pytest.importorskip(
+        "torch",
+        reason="torch is not installed: the hot (GPU) tier is tested where torch exists "
+        "(pip install torch==2.13.0 gives a CPU build to run these)",
+    )
 
 
 def build(root: Path, metric: str = "ip", hot: bool = True) -> Collection:
