@@ -219,7 +219,14 @@ def fitted(
     elif stats.p99_ms < 0.6 * slo and correction < 1.0:
         correction = min(1.0, correction * 1.05)
     target = slo * tuning.headroom * correction
-    n = line.largest(target / 2.0, min(limits.model_max_batch, 2 * line.max_size))
+    ceiling = min(limits.model_max_batch, 2 * line.max_size)
+    n = line.largest(target / 2.0, ceiling)
+    if building:
+        # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
+        # win it back, and larger batches are cheaper per item: never shrink, and grow
+        # toward the model's limit (at most doubling, as always).
+        n = max(n, min(ceiling, 2 * max_batch))
+        code = "overload"
     slack = target - 2.0 * line.exec_p99(n)
     delay = round(max(0.0, min(slack, slo * tuning.max_delay_share)), 2)
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
@@ -233,4 +240,6 @@ def fitted(
     )
     if code == "fit":
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
+    elif code == "overload" and n == max_batch:
+        code = "delay"
     return Decision(n, delay, f"{code}: {detail}", correction)
