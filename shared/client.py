@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -81,6 +82,20 @@ def _options(max_message_bytes: int, server_name: str) -> list[tuple[str, object
     return opts
 
 
+def _open(
+    api: Any,
+    target: str,
+    max_message_bytes: int,
+    creds: grpc.ChannelCredentials | None,
+    server_name: str,
+) -> Any:
+    """A channel from grpc or grpc.aio (``api``): TLS when creds are given, else plaintext."""
+    opts = _options(max_message_bytes, server_name)
+    if creds:
+        return api.secure_channel(target, creds, options=opts)
+    return api.insecure_channel(target, options=opts)
+
+
 def credentials(
     tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None
 ) -> grpc.ChannelCredentials | None:
@@ -102,12 +117,7 @@ class Client:
         creds: grpc.ChannelCredentials | None = None,
         server_name: str = "",
     ) -> None:
-        opts = _options(max_message_bytes, server_name)
-        self._channel = (
-            grpc.secure_channel(target, creds, options=opts)
-            if creds
-            else grpc.insecure_channel(target, options=opts)
-        )
+        self._channel = _open(grpc, target, max_message_bytes, creds, server_name)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def infer(
@@ -148,12 +158,7 @@ class AsyncClient:
         creds: grpc.ChannelCredentials | None = None,
         server_name: str = "",
     ) -> None:
-        opts = _options(max_message_bytes, server_name)
-        self._channel = (
-            grpc.aio.secure_channel(target, creds, options=opts)
-            if creds
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
+        self._channel = _open(grpc.aio, target, max_message_bytes, creds, server_name)
         self.stub = router_pb2_grpc.RouterStub(self._channel)
 
     async def infer(
