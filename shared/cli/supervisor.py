@@ -60,6 +60,7 @@ class LocalMesh:
         self.nats_url = ""
         self.children: list[Child] = []
         self.endpoints: dict[str, str] = {}  # child name -> host:port
+        self._ports: set[int] = set()
 
     @property
     def router_address(self) -> str:
@@ -68,7 +69,9 @@ class LocalMesh:
             return self.endpoints["router"]
         return next(a for name, a in self.endpoints.items() if name.startswith("router-"))
 
-    def start(self, on_step: Callable[[str], None] = lambda _: None, timeout: float = 120.0) -> None:
+    def start(
+        self, on_step: Callable[[str], None] = lambda _: None, timeout: float = 120.0
+    ) -> None:
         """Start NATS and every service; return once all report SERVING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -83,19 +86,29 @@ class LocalMesh:
         self._wait_serving(timeout)
         self._write_state()
 
+    def _port(self) -> int:
+        """A free port this mesh has not handed out yet (the OS may offer one twice)."""
+        while True:
+            port = free_port()
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+
     def _spawn(self, name: str, suffix: str) -> Child:
-        grpc_port = self.router_port if name == "router" and self.router_port else free_port()
+        fixed = name == "router" and self.router_port
+        grpc_port = self.router_port if fixed else self._port()
         env = {
             "INFERMESH_NATS_URL": self.nats_url,
             "INFERMESH_GRPC_HOST": "127.0.0.1",
             "INFERMESH_GRPC_PORT": str(grpc_port),
-            "INFERMESH_METRICS_PORT": str(free_port()),
+            "INFERMESH_METRICS_PORT": str(self._port()),
             "INFERMESH_DATA_DIR": str(self.data_dir),
             "INFERMESH_INSTANCE": f"{name}{suffix or '-0'}",
             **self.env,
             **self.service_env.get(name, {}),
         }
         child = start_service(name, env, self.logs, suffix)
+        child.suffix = suffix  # type: ignore[attr-defined]
         self.children.append(child)
         self.endpoints[name + suffix] = f"127.0.0.1:{grpc_port}"
         return child
@@ -109,8 +122,18 @@ class LocalMesh:
     def _wait_serving(self, timeout: float, children: list[Child] | None = None) -> None:
         deadline = time.monotonic() + timeout
         waiting = list(children or self.children)
+        respawns = 0
         while waiting:
             for child in list(waiting):
+                if not child.alive() and respawns < 3 and _port_taken(child):
+                    # A free port was taken by someone else between our pick and the
+                    # child's bind: start it again on new ports.
+                    respawns += 1
+                    self.children.remove(child)
+                    waiting.remove(child)
+                    suffix: str = child.suffix  # type: ignore[attr-defined]
+                    waiting.append(self._spawn(child.service, suffix))
+                    continue
                 if not child.alive():
                     raise MeshError(
                         f"{child.name} exited with code {child.proc.returncode} while starting; "
@@ -164,6 +187,12 @@ class LocalMesh:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _port_taken(child: Child) -> bool:
+    """Whether a child died because a port it was given was in use."""
+    tail = child.log_tail(5)
+    return "Address already in use" in tail or "cannot bind gRPC server" in tail
 
 
 def read_state(data_dir: Path) -> dict[str, object]:

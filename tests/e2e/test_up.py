@@ -165,3 +165,34 @@ def test_up_loads_the_demo_collection_and_answers_a_text_search(tmp_path: Path) 
     second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "(cached)" in second.stdout
+
+
+def test_a_port_taken_between_pick_and_bind_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from shared.cli import supervisor
+
+    pick = supervisor.LocalMesh._port
+    squatters: list[socket.socket] = []
+
+    def squat_on_the_third(self: supervisor.LocalMesh) -> int:
+        port = pick(self)
+        if len(self._ports) == 3 and not squatters:  # someone else binds it first
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            squatters.append(s)
+        return port
+
+    monkeypatch.setattr(supervisor.LocalMesh, "_port", squat_on_the_third)
+    mesh = supervisor.LocalMesh(tmp_path, replicas={"retrieval-worker": 0, "inference-worker": 0})
+    try:
+        mesh.start()
+        assert squatters, "the test did not take a port"
+        assert all(c.alive() for c in mesh.children)
+    finally:
+        mesh.stop()
+        for s in squatters:
+            s.close()
