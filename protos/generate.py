@@ -42,14 +42,11 @@ def generate(out_dir: Path) -> list[Path]:
     for path in files:
         text = IMPORT_RE.sub("from shared.pb.infermesh.v1 import", path.read_text())
         path.write_text(text)
-    for pkg in {out_dir, *(p.parent for p in files)}:
-        init = pkg / "__init__.py"
-        while True:
-            if not init.exists():
-                init.write_text("")
-            if init.parent == out_dir:
-                break
-            init = init.parent.parent / "__init__.py"
+    # Every folder from out_dir down to the stubs is a package.
+    for folder in {p.parent for p in files}:
+        while folder != out_dir.parent:
+            (folder / "__init__.py").touch()
+            folder = folder.parent
     return files
 
 

@@ -430,17 +430,6 @@ def channel(
     return Transport(max_message_bytes, tracing).channel(target)
 
 
-async def check_health(target: str, timeout: float = 1.0) -> bool:
-    """Whether the server at target reports SERVING for the overall service."""
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 async def answer_concurrently(
     requests: AsyncIterator[Req],
     handle: Callable[[Req], Awaitable[Resp]],

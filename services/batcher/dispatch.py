@@ -75,7 +75,7 @@ class WorkerPool:
         timeout = max(p.deadline for p in batch) - start
         with batch_span(target, "model", batch) as span:
             span.set_attribute("infermesh.batch_id", request.batch_id)
-            await self._run(target, batch, request, start, queue_ms, timeout, span)
+            await self._run(target, batch, request, start, timeout, span)
 
     async def _run(
         self,
@@ -83,7 +83,6 @@ class WorkerPool:
         batch: list[Pending],
         request: inference_worker_pb2.ExecuteRequest,
         start: float,
-        queue_ms: float,
         timeout: float,
         span: Span,
     ) -> None:
@@ -113,7 +112,7 @@ class WorkerPool:
                     raise RPCError.from_aio(err, "inference-worker") from None
                 finally:
                     self.outstanding[endpoint] -= len(batch)
-                _resolve(batch, reply, start, queue_ms)
+                _resolve(batch, reply, start)
                 return
             raise Unavailable(
                 f"no healthy worker serves {target!r}"
@@ -130,7 +129,6 @@ def _resolve(
     batch: list[Pending],
     reply: inference_worker_pb2.ExecuteResponse,
     start: float,
-    queue_ms: float,
 ) -> None:
     worker = reply.worker
     for p, result in zip(batch, reply.results, strict=False):
