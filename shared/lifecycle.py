@@ -62,6 +62,8 @@ class Service:
         self._serving = False
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
+        #: Set when the drain starts: stream handlers stop taking new messages (streams.py).
+        self.draining = asyncio.Event()
         self._stopped = False
         self._drained = False
         self._early: list[Coroutine[Any, Any, None]] = []
@@ -186,6 +188,7 @@ class Service:
             return
         self._drained = True
         self._serving = False
+        self.draining.set()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self._heartbeat is not None:

@@ -8,11 +8,10 @@ one exception table in ``shared.errors``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -25,18 +24,24 @@ from opentelemetry.instrumentation.grpc import (
 )
 
 from shared import metrics
-from shared.errors import InfermeshError, message_of, status_of
+from shared.errors import message_of, status_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 
 HEALTH_SERVICE = health.SERVICE_NAME
 #: Trailing metadata key naming the service that produced an error status. Its absence on an
 #: UNAVAILABLE means the peer itself was unreachable (connection refused, reset, gone).
 ORIGIN_KEY = "infermesh-origin"
-_NOT_TRACED = filters.negate(filters.health_check())
+#: Not traced by the interceptors: health checks, and the data path's long-lived streams,
+#: whose messages get one span each instead (shared/streams.py).
+_NOT_TRACED = filters.negate(
+    filters.any_of(
+        filters.health_check(),
+        filters.full_method_name("/infermesh.v1.Batcher/SubmitStream"),
+        filters.full_method_name("/infermesh.v1.InferenceWorker/ExecuteStream"),
+    )
+)
 
 
 def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
@@ -331,6 +336,11 @@ class Channels:
         self.transport = transport
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, type], Any] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run closer (e.g. end the streams on these channels) before the channels close."""
+        self._closers.append(closer)
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
@@ -355,6 +365,8 @@ class Channels:
             await ch.close()
 
     async def close(self) -> None:
+        for closer in self._closers:
+            await closer()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -428,50 +440,3 @@ def channel(
 ) -> grpc.aio.Channel:
     """A plaintext channel with the mesh's options (tests and local tools)."""
     return Transport(max_message_bytes, tracing).channel(target)
-
-
-async def answer_concurrently(
-    requests: AsyncIterator[Req],
-    handle: Callable[[Req], Awaitable[Resp]],
-    error_reply: Callable[[Req, BaseException], Resp | None],
-) -> AsyncIterator[Resp]:
-    """Serve a bidi stream: every request runs concurrently, answers go out as they finish.
-
-    ``error_reply`` turns one request's failure into an inline answer (the stream stays open);
-    when it returns None the error ends the stream instead (it reaches the ErrorInterceptor).
-    Unexpected errors are logged with their traceback before becoming an inline answer.
-    """
-    out: asyncio.Queue[Resp | BaseException | None] = asyncio.Queue()
-    tasks: set[asyncio.Task[None]] = set()
-    loop = asyncio.get_running_loop()
-
-    async def one(req: Req) -> None:
-        try:
-            reply: Resp | BaseException | None = await handle(req)
-        except Exception as exc:
-            if not isinstance(exc, InfermeshError):
-                log.exception("stream request failed")
-            reply = error_reply(req, exc)
-            if reply is None:
-                reply = exc
-        await out.put(reply)
-
-    async def read() -> None:
-        async for req in requests:
-            task = loop.create_task(one(req))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-        await out.put(None)
-
-    reader = loop.create_task(read())
-    try:
-        while (item := await out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        reader.cancel()
-        for task in list(tasks):
-            task.cancel()

@@ -14,6 +14,12 @@ def code_value(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
-def error_from(code: int, message: str) -> RPCError:
-    """The exception for a per-item error carried inside a batch result."""
-    return RPCError(message, BY_VALUE.get(code, grpc.StatusCode.INTERNAL))
+def error_from(code: int, message: str, hop: str = "") -> RPCError:
+    """The exception for an error carried inside an answer (a batch result, a stream reply).
+
+    With ``hop``, the message names the service it came from, as ``RPCError.from_aio`` does.
+    """
+    status = BY_VALUE.get(code, grpc.StatusCode.INTERNAL)
+    if hop and not message.startswith("["):
+        message = f"[{hop}] {message}"
+    return RPCError(message, status)

@@ -4,6 +4,7 @@ Load is the number of items this batcher has outstanding on each worker (exact a
 tie-broken by the load the worker last reported in membership (which counts other batcher
 replicas too). A worker that fails mid-batch is dropped from the view until it heartbeats
 again, and the batch is retried once on another worker (model execution is idempotent).
+Batches travel on one long-lived InferenceWorker.ExecuteStream per worker (shared/streams.py).
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ import random
 import time
 import uuid
 
-import grpc
 from opentelemetry.trace import Span
 
 from services.batcher.queue import Outcome, Pending
 from services.batcher.tracing import batch_span
 from shared import rpc
-from shared.errors import DeadlineExceeded, RPCError, Unavailable
+from shared.errors import Unavailable
 from shared.events import Member
 from shared.membership import MemberView
 from shared.pb.infermesh.v1 import inference_worker_pb2, inference_worker_pb2_grpc
+from shared.status_codes import error_from
+from shared.streams import PeerGone, Streams
 
 log = logging.getLogger(__name__)
-
 
 
 class WorkerPool:
@@ -34,7 +35,15 @@ class WorkerPool:
     def __init__(self, members: MemberView, service: str, channels: rpc.Channels) -> None:
         self._members = members
         self._service = service
-        self._channels = channels
+        self._streams: Streams[
+            inference_worker_pb2.ExecuteRequest, inference_worker_pb2.ExecuteResponse
+        ] = Streams(
+            channels,
+            inference_worker_pb2_grpc.InferenceWorkerStub,
+            "ExecuteStream",
+            "infermesh.v1.InferenceWorker/Execute",
+            service,
+        )
         self.outstanding: dict[str, int] = {}
 
     def candidates(self, target: str) -> list[Member]:
@@ -58,9 +67,6 @@ class WorkerPool:
             elif key == best_key:
                 best.append(m)
         return random.choice(best) if best else None
-
-    def _stub(self, endpoint: str) -> inference_worker_pb2_grpc.InferenceWorkerStub:
-        return self._channels.stub(endpoint, inference_worker_pb2_grpc.InferenceWorkerStub)
 
     async def execute(self, target: str, batch: list[Pending]) -> None:
         """Run a batch on a worker and resolve every request's future."""
@@ -97,21 +103,21 @@ class WorkerPool:
                 span.set_attribute("infermesh.worker", endpoint)
                 self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + len(batch)
                 try:
-                    reply = await self._stub(endpoint).Execute(request, timeout=max(timeout, 0.001))
-                except grpc.aio.AioRpcError as err:
-                    # The worker was unreachable or went away mid-batch: the batch may run
-                    # again elsewhere, since model execution is idempotent.
-                    if rpc.peer_unreachable(err) or err.code() == grpc.StatusCode.CANCELLED:
-                        log.warning("worker %s failed a batch (%s); retrying elsewhere",
-                                    endpoint, err.code().name)
-                        self._members.forget(endpoint)
-                        continue
-                    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise DeadlineExceeded(
-                            f"deadline passed while {target!r} ran on {endpoint}") from None
-                    raise RPCError.from_aio(err, "inference-worker") from None
+                    reply = await self._streams.get(endpoint).call(
+                        request, max(start + timeout - time.monotonic(), 0.001)
+                    )
+                except PeerGone as gone:
+                    # The worker went away or drains: the batch may run again elsewhere,
+                    # since model execution is idempotent.
+                    log.warning(
+                        "worker %s did not run a batch (%s); retrying elsewhere", endpoint, gone
+                    )
+                    self._members.forget(endpoint)
+                    continue
                 finally:
                     self.outstanding[endpoint] -= len(batch)
+                if reply.error_code:
+                    raise error_from(reply.error_code, reply.error_message, self._service)
                 _resolve(batch, reply, start)
                 return
             raise Unavailable(
@@ -122,7 +128,6 @@ class WorkerPool:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
-
 
 
 def _resolve(

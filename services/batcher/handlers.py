@@ -11,7 +11,7 @@ import grpc
 
 from services.batcher.queue import Outcome, TargetQueue
 from services.batcher.tracing import record_queue_wait
-from shared import rpc
+from shared import streams
 from shared.errors import DeadlineExceeded, InvalidArgument, message_of, status_of
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 from shared.status_codes import code_value, error_from
@@ -23,6 +23,8 @@ class Queues:
     """What the servicer needs from the app: a queue per target and the default timeout."""
 
     default_timeout_s: float = 30.0
+    #: Set when the batcher drains: open SubmitStreams tell the router to go elsewhere.
+    draining: asyncio.Event
 
     def queue_for(self, target: str, kind: int) -> TargetQueue:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -69,6 +71,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             exec_ms=outcome.exec_ms,
             worker=outcome.worker,
             batch_size=outcome.batch_size,
+            call_id=request.call_id,
         )
 
     async def Submit(
@@ -81,11 +84,18 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         requests: AsyncIterator[batcher_pb2.SubmitRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
-        """Many submits over one stream; each answer carries its request_id, errors inline."""
-        async for reply in rpc.answer_concurrently(
+        """Many submits over one stream (the router's data path); answers matched by call_id.
+
+        Errors come inline. When the batcher drains it tells the router to send new submits
+        elsewhere, and answers the ones it has (shared/streams.py).
+        """
+        async for reply in streams.answer_concurrently(
             requests,
             lambda req: self._submit(req, None),
-            lambda req, exc: _error_reply(req.item.request_id, exc),
+            lambda req, exc: _error_reply(req, exc),
+            stopping=self._queues.draining,
+            closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
+            per_message=SUBMIT,
         ):
             yield reply
 
@@ -106,11 +116,23 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         )
 
 
-def _error_reply(request_id: str, exc: BaseException) -> batcher_pb2.SubmitResponse:
+def _error_reply(
+    request: batcher_pb2.SubmitRequest, exc: BaseException
+) -> batcher_pb2.SubmitResponse:
     return batcher_pb2.SubmitResponse(
         result=common_pb2.WorkResult(
-            request_id=request_id,
+            request_id=request.item.request_id,
             error_code=code_value(status_of(exc)),
             error_message=message_of(exc),
-        )
+        ),
+        call_id=request.call_id,
     )
+
+
+#: Metrics and spans of SubmitStream messages, under the unary method's name.
+SUBMIT = streams.PerMessage(
+    service="batcher",
+    method="infermesh.v1.Batcher/Submit",
+    target=lambda req: req.target[:64],
+    answer_code=lambda reply: reply.result.error_code,
+)

@@ -45,7 +45,9 @@ class InferenceWorker(Service):
                 log.warning("model %s skipped: %s", name, exc.message)
                 continue
             self.models[name] = Model(c, backend)
-        self.servicer = InferenceWorkerServicer(self.models, self.instance, self._publish)
+        self.servicer = InferenceWorkerServicer(
+            self.models, self.instance, self._publish, self.draining
+        )
 
     async def _publish(self, subject: str, event: Event) -> None:
         if self.bus is not None and self.bus.connected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -13,7 +13,8 @@ from opentelemetry import trace
 
 from services.inference_worker.backends import Backend, Item
 from services.inference_worker.repository import ModelConfig
-from shared.errors import InfermeshError, NotFound, message_of, status_of
+from shared import streams
+from shared.errors import DeadlineExceeded, InfermeshError, NotFound, message_of, status_of
 from shared.events import BATCH_OBSERVED, BatchObserved, Event
 from shared.pb.infermesh.v1 import common_pb2, inference_worker_pb2, inference_worker_pb2_grpc
 from shared.status_codes import code_value
@@ -41,14 +42,41 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         models: dict[str, Model],
         worker: str,
         publish: Callable[[str, Event], Awaitable[None]],
+        draining: asyncio.Event | None = None,
     ) -> None:
         self.models = models
         self.worker = worker
         self._publish = publish
+        self._draining = draining
         self.outstanding = 0
 
     async def Execute(
         self, request: inference_worker_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> inference_worker_pb2.ExecuteResponse:
+        return await self._run(request)
+
+    async def ExecuteStream(
+        self,
+        requests: AsyncIterator[inference_worker_pb2.ExecuteRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_worker_pb2.ExecuteResponse]:
+        """Batches over one stream (the batcher's data path); answers matched by call_id.
+
+        A batch that fails as a whole answers inline. When the worker drains it tells the
+        batcher to send new batches elsewhere, and answers the ones it has.
+        """
+        async for reply in streams.answer_concurrently(
+            requests,
+            self._run,
+            _error_reply,
+            stopping=self._draining,
+            closing=lambda: inference_worker_pb2.ExecuteResponse(call_id=streams.CLOSING),
+            per_message=EXECUTE,
+        ):
+            yield reply
+
+    async def _run(
+        self, request: inference_worker_pb2.ExecuteRequest
     ) -> inference_worker_pb2.ExecuteResponse:
         model = self.models.get(request.model)
         if model is None:
@@ -69,7 +97,16 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         results: list[common_pb2.WorkResult | None] = [None] * len(request.items)
         runnable: list[int] = []
         items: list[Item] = []
+        now_ms = time.time() * 1000.0
+        expired = 0
         for i, wire in enumerate(request.items):
+            if wire.deadline_unix_ms and wire.deadline_unix_ms <= now_ms:
+                # Arrived after its deadline (a slow link): the caller has given up.
+                results[i] = _failed(
+                    wire.request_id, DeadlineExceeded("deadline passed before the batch ran")
+                )
+                expired += 1
+                continue
             try:
                 inputs = {t.name: to_numpy(t) for t in wire.inputs}
                 check_inputs(model.spec, inputs, wire.texts)
@@ -78,6 +115,10 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
                 continue
             runnable.append(i)
             items.append(Item(inputs=inputs, texts=list(wire.texts)))
+        if expired == len(request.items):
+            raise DeadlineExceeded(
+                f"batch of {expired} arrived after the deadline of every request in it; not run"
+            )
         start = time.perf_counter()
         if items:
             with tracer.start_as_current_span(
@@ -105,7 +146,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             )
             self._observe(model.spec.name, rows, request.queue_ms, exec_ms)
         return inference_worker_pb2.ExecuteResponse(
-            results=results, exec_ms=exec_ms, worker=self.worker
+            results=results, exec_ms=exec_ms, worker=self.worker, call_id=request.call_id
         )
 
     def _observe(self, target: str, size: int, queue_ms: float, exec_ms: float) -> None:
@@ -151,3 +192,22 @@ def _failed(request_id: str, exc: BaseException) -> common_pb2.WorkResult:
     return common_pb2.WorkResult(
         request_id=request_id, error_code=code_value(status_of(exc)), error_message=message_of(exc)
     )
+
+
+def _error_reply(
+    request: inference_worker_pb2.ExecuteRequest, exc: BaseException
+) -> inference_worker_pb2.ExecuteResponse:
+    return inference_worker_pb2.ExecuteResponse(
+        call_id=request.call_id,
+        error_code=code_value(status_of(exc)),
+        error_message=message_of(exc),
+    )
+
+
+#: Metrics and spans of ExecuteStream messages, under the unary method's name.
+EXECUTE = streams.PerMessage(
+    service="inference-worker",
+    method="infermesh.v1.InferenceWorker/Execute",
+    target=lambda req: req.model[:64],
+    answer_code=lambda reply: reply.error_code,
+)

@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from services.router.pipelines import Pipelines
 from services.router.upstream import Batchers
-from shared import rpc
+from shared import streams
 from shared.errors import (
     InvalidArgument,
     NotFound,
@@ -141,7 +141,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.InferResponse]:
         """Requests run concurrently; each answer carries its request_id and any error inline."""
-        async for reply in rpc.answer_concurrently(
+        async for reply in streams.answer_concurrently(
             requests,
             lambda req: self.infer(req, None),
             lambda req, exc: _error_response(req.request_id, exc),

@@ -20,7 +20,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.router.handlers import RouterServicer
-from shared import rpc
+from shared import streams
 from shared.errors import InfermeshError, InvalidArgument, NotFound, Unimplemented, message_of
 from shared.events import ModelSpec
 from shared.pb.infermesh.v1 import common_pb2, router_pb2
@@ -265,7 +265,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 infer_response=service_pb2.ModelInferResponse(model_name=req.model_name, id=req.id),
             )
 
-        async for reply in rpc.answer_concurrently(requests, handle, inline):
+        async for reply in streams.answer_concurrently(requests, handle, inline):
             yield reply
 
     # -- translation ----------------------------------------------------------------------

@@ -18,30 +18,43 @@ TARGET_KIND_MODEL: TargetKind
 TARGET_KIND_COLLECTION: TargetKind
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("target", "kind", "item", "priority")
+    __slots__ = ("target", "kind", "item", "priority", "call_id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TARGET_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     target: str
     kind: TargetKind
     item: _common_pb2.WorkItem
     priority: int
-    def __init__(self, target: _Optional[str] = ..., kind: _Optional[_Union[TargetKind, str]] = ..., item: _Optional[_Union[_common_pb2.WorkItem, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    call_id: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, target: _Optional[str] = ..., kind: _Optional[_Union[TargetKind, str]] = ..., item: _Optional[_Union[_common_pb2.WorkItem, _Mapping]] = ..., priority: _Optional[int] = ..., call_id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("result", "queue_ms", "exec_ms", "worker", "batch_size")
+    __slots__ = ("result", "queue_ms", "exec_ms", "worker", "batch_size", "call_id")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     EXEC_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     result: _common_pb2.WorkResult
     queue_ms: float
     exec_ms: float
     worker: str
     batch_size: int
-    def __init__(self, result: _Optional[_Union[_common_pb2.WorkResult, _Mapping]] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    call_id: int
+    def __init__(self, result: _Optional[_Union[_common_pb2.WorkResult, _Mapping]] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_size: _Optional[int] = ..., call_id: _Optional[int] = ...) -> None: ...
 
 class QueueStatusRequest(_message.Message):
     __slots__ = ()

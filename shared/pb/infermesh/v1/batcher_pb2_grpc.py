@@ -64,7 +64,8 @@ class BatcherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitStream(self, request_iterator, context):
-        """Many submits over one long-lived stream (one per router process), matched by request_id.
+        """Many submits over one long-lived stream (one per router process and batcher), matched
+        by call_id; errors come inline in result.error_code. The data path uses this.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

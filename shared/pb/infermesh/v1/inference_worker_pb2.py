@@ -25,25 +25,29 @@ _sym_db = _symbol_database.Default()
 from shared.pb.infermesh.v1 import common_pb2 as infermesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#infermesh/v1/inference_worker.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"j\n\x0e\x45xecuteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.infermesh.v1.WorkItem\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\"]\n\x0f\x45xecuteResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.infermesh.v1.WorkResult\x12\x0f\n\x07\x65xec_ms\x18\x02 \x01(\x01\x12\x0e\n\x06worker\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xce\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12(\n\x06inputs\x18\x03 \x03(\x0b\x32\x18.infermesh.v1.TensorSpec\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.infermesh.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x0e\n\x06slo_ms\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x08 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.infermesh.v1.ModelInfo2\xaa\x01\n\x0fInferenceWorker\x12\x46\n\x07\x45xecute\x12\x1c.infermesh.v1.ExecuteRequest\x1a\x1d.infermesh.v1.ExecuteResponse\x12O\n\nListModels\x12\x1f.infermesh.v1.ListModelsRequest\x1a .infermesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#infermesh/v1/inference_worker.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\xf7\x01\n\x0e\x45xecuteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12%\n\x05items\x18\x03 \x03(\x0b\x32\x16.infermesh.v1.WorkItem\x12\x10\n\x08queue_ms\x18\x04 \x01(\x01\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\x04\x12\x45\n\rtrace_context\x18\x06 \x03(\x0b\x32..infermesh.v1.ExecuteRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x0f\x45xecuteResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.infermesh.v1.WorkResult\x12\x0f\n\x07\x65xec_ms\x18\x02 \x01(\x01\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\x04\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xce\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12(\n\x06inputs\x18\x03 \x03(\x0b\x32\x18.infermesh.v1.TensorSpec\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.infermesh.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x0e\n\x06slo_ms\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65pts_text\x18\x08 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.infermesh.v1.ModelInfo2\xfc\x01\n\x0fInferenceWorker\x12\x46\n\x07\x45xecute\x12\x1c.infermesh.v1.ExecuteRequest\x1a\x1d.infermesh.v1.ExecuteResponse\x12P\n\rExecuteStream\x12\x1c.infermesh.v1.ExecuteRequest\x1a\x1d.infermesh.v1.ExecuteResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.infermesh.v1.ListModelsRequest\x1a .infermesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'infermesh.v1.inference_worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTEREQUEST']._serialized_start=80
-  _globals['_EXECUTEREQUEST']._serialized_end=186
-  _globals['_EXECUTERESPONSE']._serialized_start=188
-  _globals['_EXECUTERESPONSE']._serialized_end=281
-  _globals['_LISTMODELSREQUEST']._serialized_start=283
-  _globals['_LISTMODELSREQUEST']._serialized_end=302
-  _globals['_TENSORSPEC']._serialized_start=304
-  _globals['_TENSORSPEC']._serialized_end=360
-  _globals['_MODELINFO']._serialized_start=363
-  _globals['_MODELINFO']._serialized_end=569
-  _globals['_LISTMODELSRESPONSE']._serialized_start=571
-  _globals['_LISTMODELSRESPONSE']._serialized_end=632
-  _globals['_INFERENCEWORKER']._serialized_start=635
-  _globals['_INFERENCEWORKER']._serialized_end=805
+  _globals['_EXECUTEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EXECUTEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTEREQUEST']._serialized_start=81
+  _globals['_EXECUTEREQUEST']._serialized_end=328
+  _globals['_EXECUTEREQUEST_TRACECONTEXTENTRY']._serialized_start=277
+  _globals['_EXECUTEREQUEST_TRACECONTEXTENTRY']._serialized_end=328
+  _globals['_EXECUTERESPONSE']._serialized_start=331
+  _globals['_EXECUTERESPONSE']._serialized_end=484
+  _globals['_LISTMODELSREQUEST']._serialized_start=486
+  _globals['_LISTMODELSREQUEST']._serialized_end=505
+  _globals['_TENSORSPEC']._serialized_start=507
+  _globals['_TENSORSPEC']._serialized_end=563
+  _globals['_MODELINFO']._serialized_start=566
+  _globals['_MODELINFO']._serialized_end=772
+  _globals['_LISTMODELSRESPONSE']._serialized_start=774
+  _globals['_LISTMODELSRESPONSE']._serialized_end=835
+  _globals['_INFERENCEWORKER']._serialized_start=838
+  _globals['_INFERENCEWORKER']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)

@@ -8,26 +8,43 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("model", "batch_id", "items", "queue_ms")
+    __slots__ = ("model", "batch_id", "items", "queue_ms", "call_id", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     batch_id: str
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkItem]
     queue_ms: float
-    def __init__(self, model: _Optional[str] = ..., batch_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.WorkItem, _Mapping]]] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    call_id: int
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., batch_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.WorkItem, _Mapping]]] = ..., queue_ms: _Optional[float] = ..., call_id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("results", "exec_ms", "worker")
+    __slots__ = ("results", "exec_ms", "worker", "call_id", "error_code", "error_message")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     EXEC_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkResult]
     exec_ms: float
     worker: str
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.WorkResult, _Mapping]]] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
+    call_id: int
+    error_code: int
+    error_message: str
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.WorkResult, _Mapping]]] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ..., call_id: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -40,6 +40,11 @@ class InferenceWorkerStub:
                 request_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/infermesh.v1.InferenceWorker/ExecuteStream',
+                request_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/infermesh.v1.InferenceWorker/ListModels',
                 request_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ListModelsRequest.SerializeToString,
@@ -57,6 +62,15 @@ class InferenceWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request_iterator, context):
+        """Many batches over one long-lived stream (one per batcher and worker), matched by
+        call_id; a batch that fails as a whole answers inline with error_code. The data path
+        uses this: a message on an open stream costs about half a unary call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -68,6 +82,11 @@ def add_InferenceWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Execute': grpc.unary_unary_rpc_method_handler(
                     servicer.Execute,
+                    request_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.FromString,
+                    response_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
                     request_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.FromString,
                     response_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.SerializeToString,
             ),
@@ -103,6 +122,33 @@ class InferenceWorker:
             request,
             target,
             '/infermesh.v1.InferenceWorker/Execute',
+            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
+            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/infermesh.v1.InferenceWorker/ExecuteStream',
             infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
             infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
             options,

@@ -1,0 +1,159 @@
+"""The data path's call streams (shared/streams.py) against a real grpc.aio server.
+
+A small Batcher servicer answers SubmitStream through ``answer_concurrently`` after the delay
+its request names (``item.k`` milliseconds), so answers come back out of order. The tests
+check what the router and batcher rely on: every call gets its own answer, a draining server
+answers what it took and sends the rest elsewhere, a dead server fails calls PeerGone (never
+a hang), and a deadline ends one call without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from shared import metrics, rpc, streams
+from shared.errors import DeadlineExceeded, InvalidArgument
+from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
+
+SUBMIT = streams.PerMessage(
+    service="stream-test",
+    method="infermesh.v1.Batcher/Submit",
+    target=lambda req: req.target,
+    answer_code=lambda reply: reply.result.error_code,
+)
+
+
+class Delayed(batcher_pb2_grpc.BatcherServicer):
+    """Answers each submit after item.k ms with its request_id; target "bad" fails."""
+
+    def __init__(self) -> None:
+        self.draining = asyncio.Event()
+        self.ran: list[str] = []
+
+    async def _one(self, req: batcher_pb2.SubmitRequest) -> batcher_pb2.SubmitResponse:
+        if req.target == "bad":
+            raise InvalidArgument("target 'bad' is refused")
+        await asyncio.sleep(req.item.k / 1000.0)
+        self.ran.append(req.item.request_id)
+        return batcher_pb2.SubmitResponse(
+            result=common_pb2.WorkResult(request_id=req.item.request_id), call_id=req.call_id
+        )
+
+    async def SubmitStream(
+        self, requests: AsyncIterator[batcher_pb2.SubmitRequest], context: object
+    ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
+        async for reply in streams.answer_concurrently(
+            requests,
+            self._one,
+            lambda req, exc: batcher_pb2.SubmitResponse(
+                call_id=req.call_id,
+                result=common_pb2.WorkResult(error_code=3, error_message=str(exc)),
+            ),
+            stopping=self.draining,
+            closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
+            per_message=SUBMIT,
+        ):
+            yield reply
+
+
+def submit(request_id: str, delay_ms: int = 0, target: str = "t") -> batcher_pb2.SubmitRequest:
+    return batcher_pb2.SubmitRequest(
+        target=target, item=common_pb2.WorkItem(request_id=request_id, k=delay_ms)
+    )
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
+    servicer = Delayed()
+    server, port, _ = rpc.create_server(
+        "stream-test",
+        "127.0.0.1",
+        0,
+        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
+        ["infermesh.v1.Batcher"],
+        tracing=False,
+    )
+    await server.start()
+    channels = rpc.Channels(rpc.Transport(tracing=False))
+    pool: streams.Streams = streams.Streams(
+        channels,
+        batcher_pb2_grpc.BatcherStub,
+        "SubmitStream",
+        "infermesh.v1.Batcher/Submit",
+        "batcher",
+    )
+    try:
+        yield server, servicer, pool.get(f"127.0.0.1:{port}")
+    finally:
+        await channels.close()
+        await server.stop(0)
+
+
+async def test_concurrent_calls_on_one_stream_each_get_their_own_answer(served) -> None:
+    _, servicer, stream = served
+    # Later requests answer first: matching is by call_id, not by order.
+    replies = await asyncio.gather(
+        *(stream.call(submit(f"r{i}", delay_ms=40 - i), timeout=5) for i in range(40))
+    )
+    assert [r.result.request_id for r in replies] == [f"r{i}" for i in range(40)]
+    assert servicer.ran[0] == "r39"
+
+
+async def test_an_error_comes_back_inline_and_the_stream_keeps_serving(served) -> None:
+    _, _, stream = served
+    bad = await stream.call(submit("x", target="bad"), timeout=5)
+    assert bad.result.error_code == 3 and "refused" in bad.result.error_message
+    ok = await stream.call(submit("y"), timeout=5)
+    assert ok.result.request_id == "y" and not ok.result.error_code
+
+
+async def test_each_message_is_counted_under_the_unary_method_name(served) -> None:
+    _, _, stream = served
+    before = metrics.REQUESTS.labels("stream-test", "Submit", "t", "OK")._value.get()
+    await asyncio.gather(*(stream.call(submit(f"m{i}"), timeout=5) for i in range(5)))
+    after = metrics.REQUESTS.labels("stream-test", "Submit", "t", "OK")._value.get()
+    assert after - before == 5
+
+
+async def test_a_deadline_ends_one_call_and_its_late_answer_is_dropped(served) -> None:
+    _, _, stream = served
+    with pytest.raises(DeadlineExceeded, match="deadline of 50 ms"):
+        await stream.call(submit("slow", delay_ms=300), timeout=0.05)
+    assert (await stream.call(submit("next"), timeout=5)).result.request_id == "next"
+    await asyncio.sleep(0.3)  # the late answer for "slow" arrives and finds no caller
+    assert (await stream.call(submit("after"), timeout=5)).result.request_id == "after"
+
+
+async def test_a_draining_server_answers_what_it_took_and_new_calls_go_elsewhere(
+    served,
+) -> None:
+    server, servicer, stream = served
+    taken = [asyncio.ensure_future(stream.call(submit(f"d{i}", 200), timeout=5)) for i in range(5)]
+    await asyncio.sleep(0.05)  # the five are on the server
+    servicer.draining.set()
+    stopped = asyncio.ensure_future(server.stop(5))
+    replies = await asyncio.gather(*taken)
+    assert [r.result.request_id for r in replies] == [f"d{i}" for i in range(5)]
+    # The closing notice moved new calls off the old stream; the server takes no new one.
+    with pytest.raises(streams.PeerGone):
+        await stream.call(submit("late"), timeout=5)
+    await asyncio.wait_for(stopped, 5)
+    assert "late" not in servicer.ran
+
+
+async def test_a_server_that_dies_fails_its_calls_peer_gone_instead_of_hanging(
+    served,
+) -> None:
+    server, _, stream = served
+    pending = [
+        asyncio.ensure_future(stream.call(submit(f"k{i}", 2000), timeout=10)) for i in range(3)
+    ]
+    await asyncio.sleep(0.05)
+    await server.stop(0)
+    for call in pending:
+        with pytest.raises(streams.PeerGone):
+            await asyncio.wait_for(call, 5)
