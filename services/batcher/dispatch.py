@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 
 from opentelemetry.trace import Span
 
 from services.batcher.queue import Outcome, Pending
-from services.batcher.tracing import batch_span
+from services.batcher.tracing import batch_span, next_batch_id
 from shared import rpc
 from shared.errors import Unavailable
 from shared.events import Member
@@ -74,7 +73,7 @@ class WorkerPool:
         queue_ms = sum((start - p.enqueued) for p in batch) * 1000.0 / len(batch)
         request = inference_worker_pb2.ExecuteRequest(
             model=target,
-            batch_id=uuid.uuid4().hex[:16],
+            batch_id=next_batch_id(),
             items=[p.item for p in batch],
             queue_ms=queue_ms,
         )

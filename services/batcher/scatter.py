@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from typing import cast
 
@@ -27,6 +26,7 @@ import grpc
 import numpy as np
 
 from services.batcher.queue import Outcome, Pending
+from services.batcher.tracing import next_batch_id
 from shared import rpc
 from shared.errors import DeadlineExceeded, InvalidArgument, RPCError, Unavailable
 from shared.ingestlog import CollectionDeclared
@@ -194,7 +194,7 @@ class Scatter:
     ) -> tuple[np.ndarray, np.ndarray, dict[int, common_pb2.Hit], float, list[str]]:
         """One Search per covering worker; re-cover the blocks of workers that fail."""
         tensor = from_numpy("queries", queries)
-        batch_id = uuid.uuid4().hex[:16]
+        batch_id = next_batch_id()
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         payload: dict[int, common_pb2.Hit] = {}
         failed: set[str] = set()
