@@ -16,17 +16,25 @@ Two laws, compared in ``bench/batching.py``:
   largest cap n whose worst case under saturation fits the target. With every dispatch slot
   busy a request waits for one running batch to finish and then runs in the next, so the
   worst case is ``delay + 2·exec_p99(n)``. The rest of the budget becomes max_delay (capped
-  at 5% of the SLO). The cap never exceeds twice the largest batch measured, so the
-  fit is never trusted far beyond its data and the cap grows by doubling. A multiplicative
-  correction on the target closes the loop when the model is wrong (p99 over SLO while the
-  queue is not building); when the queue *is* building (arrivals above capacity), smaller
-  batches would cut throughput and make it worse, so the law holds the largest cap.
+  at 5% of the SLO). The cap never exceeds twice the largest batch measured and never falls
+  below half the current cap in one decision, so each step is judged on its own window. A
+  multiplicative correction on the target closes the loop when the model is wrong (p99 over
+  SLO while nothing queued longer than the model allows).
+
+  Queueing beyond that model (a request waited longer than the delay plus one running batch)
+  is a backlog: arrivals outran the workers for a while. A smaller cap cannot shorten it,
+  since smaller batches cost more per item, so a backlog never shrinks the target; when the
+  batches are full as well, the cap is too small for the load (``overload``): the law grows
+  it, and the controller remembers the rate that cap delivered. The cap then never returns
+  below the smallest size that carries the current rate with a margin
+  (``throughput_floor``): a latency target that only tiny batches meet is not worth a queue
+  that grows without bound, which is what happens when a cap cannot carry the load.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -66,6 +74,12 @@ class Tuning:
     """max_delay never exceeds this share of the SLO (it only adds latency once the cap
     is large enough to keep up)."""
     min_correction: float = 0.3
+    max_decrease: float = 0.5
+    """One decision keeps at least this share of the cap (as one at most doubles it)."""
+    capacity_margin: float = 0.8
+    """The throughput floor keeps the load under this share of the capacity it expects."""
+    full_share: float = 0.75
+    """Batches this close to the cap count as full (multi-row requests leave gaps)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class Stats:
     exec_p99_ms: float
     queue_p99_ms: float
     max_size: int
+    size_p50: float = 0.0
+    """Batch size the median request rode in."""
+    rate: float = 0.0
+    """Items per second over the window (0 when its length is unknown)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,8 @@ class Decision:
     max_delay_ms: float
     reason: str
     correction: float = 1.0
+    overloaded: bool = False
+    """The queue built up with full batches: the current cap could not carry the load."""
 
     @property
     def code(self) -> str:
@@ -130,20 +150,56 @@ def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: floa
     return pairs[-1][0]
 
 
-def summarize(obs: Sequence[Observation]) -> Stats:
-    """p99 per request (a batch of n counts n times), exec and queue p99 per batch."""
+def summarize(obs: Sequence[Observation], seconds: float = 0.0) -> Stats:
+    """p99 per request (a batch of n counts n times), exec and queue p99 per batch.
+
+    ``seconds`` is how long the window is, for the rate; 0 leaves the rate unknown (0).
+    """
     if not obs:
         return Stats(0, 0, 0.0, 0.0, 0.0, 0)
     sizes = [float(o.size) for o in obs]
     ones = [1.0] * len(obs)
+    items = sum(o.size for o in obs)
     return Stats(
         batches=len(obs),
-        items=sum(o.size for o in obs),
+        items=items,
         p99_ms=weighted_quantile([o.queue_ms + o.exec_ms for o in obs], sizes, 0.99),
         exec_p99_ms=weighted_quantile([o.exec_ms for o in obs], ones, 0.99),
         queue_p99_ms=weighted_quantile([o.queue_ms for o in obs], sizes, 0.99),
         max_size=max(o.size for o in obs),
+        size_p50=weighted_quantile(sizes, sizes, 0.5),
+        rate=items / seconds if seconds > 0 else 0.0,
     )
+
+
+def throughput_floor(
+    delivered: Mapping[int, float],
+    rate: float,
+    line: Fit,
+    model_max_batch: int,
+    tuning: Tuning = Tuning(),
+) -> int:
+    """Smallest cap that carries ``rate`` items/s, judged from what overloaded caps delivered.
+
+    ``delivered`` maps a cap k to the items/s it completed while its queue built up: its
+    capacity, measured, with every cost of the path in it (RPCs, serialization, the model),
+    which the workers' exec times alone do not show. How capacity changes with the cap comes
+    from the fit: an item costs ``a/n + b`` at cap n against ``a/k + b`` at cap k, so cap n
+    carries ``r·(a/k + b)/(a/n + b)``, of which the floor uses ``capacity_margin``. A cap
+    found short anyway overloads, is measured, and raises the floor. 1 without evidence.
+    """
+    if rate <= 0:
+        return 1
+    a, b = max(line.a, 0.0), max(line.b, 0.0)
+    floor = 1
+    for cap, capacity in delivered.items():
+        # The per-item cost a cap may have and still carry the rate with the margin.
+        allowed = tuning.capacity_margin * capacity * (a / cap + b) / rate
+        if allowed <= b:
+            return model_max_batch  # no cap carries it: the largest batches do best
+        if a > 0:
+            floor = max(floor, math.ceil(a / (allowed - b) - 1e-9))
+    return min(floor, model_max_batch)
 
 
 def fit(obs: Sequence[Observation]) -> Fit | None:
@@ -204,42 +260,58 @@ def fitted(
     limits: Limits,
     correction: float = 1.0,
     tuning: Tuning = Tuning(),
+    floor: int = 1,
 ) -> Decision | None:
-    """Largest cap whose predicted worst case fits the target; None when nothing changes."""
+    """Largest cap whose predicted worst case fits the target; None when nothing changes.
+
+    ``floor`` is the smallest cap that carries the load (``throughput_floor``).
+    """
     if stats.batches < tuning.min_batches or line is None:
         return None
     slo = limits.slo_ms
-    # Queueing beyond one running batch means arrivals exceed capacity: smaller batches
-    # would only lower capacity, so a violation then is not a reason to shrink the target.
-    building = stats.queue_p99_ms > 2.0 * stats.exec_p99_ms + max_delay_ms
+    floor = max(1, min(floor, limits.model_max_batch))
+    # Loaded, a request waits at most the delay and one running batch. Waiting longer means
+    # the queue held more than that: a backlog, which smaller batches would only make worse
+    # (they cost more per item), so it is never a reason to shrink the target. With the
+    # batches full as well, the cap is what holds throughput back: grow it.
+    backlog = stats.queue_p99_ms > max_delay_ms + stats.exec_p99_ms
+    overload = backlog and stats.size_p50 >= tuning.full_share * max_batch
     code = "fit"
-    if stats.p99_ms > slo and not building:
-        correction = max(tuning.min_correction, correction * 0.8)
+    if stats.p99_ms > slo and not backlog:
+        # At the floor a smaller target changes nothing now and only delays the recovery.
+        if max_batch > floor:
+            correction = max(tuning.min_correction, correction * 0.8)
         code = "violation"
     elif stats.p99_ms < 0.6 * slo and correction < 1.0:
         correction = min(1.0, correction * 1.05)
     target = slo * tuning.headroom * correction
     ceiling = min(limits.model_max_batch, 2 * line.max_size)
     n = line.largest(target / 2.0, ceiling)
-    if building:
+    # Down at most by half per decision (each step is judged on a fresh window), and never
+    # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
+    n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))
+    if overload:
         # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
         # win it back, and larger batches are cheaper per item: never shrink, and grow
         # toward the model's limit (at most doubling, as always).
         n = max(n, min(ceiling, 2 * max_batch))
         code = "overload"
+    n = min(n, limits.model_max_batch)
     slack = target - 2.0 * line.exec_p99(n)
     delay = round(max(0.0, min(slack, slo * tuning.max_delay_share)), 2)
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
     small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
     small_d = abs(delay - max_delay_ms) < max(0.5, 0.2 * max_delay_ms)
     if small_n and small_d:
-        return Decision(max_batch, max_delay_ms, "hold", correction)
+        return Decision(max_batch, max_delay_ms, "hold", correction, overload)
     detail = (
         f"exec ≈ {line.a:.1f} + {line.b:.2f}·n ms, p99 {stats.p99_ms:.1f} ms, "
         f"target {target:.1f} ms"
     )
+    if floor > 1:
+        detail += f", floor {floor}"
     if code == "fit":
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
     elif code == "overload" and n == max_batch:
         code = "delay"
-    return Decision(n, delay, f"{code}: {detail}", correction)
+    return Decision(n, delay, f"{code}: {detail}", correction, overload)

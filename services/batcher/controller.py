@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -132,8 +133,11 @@ class BatchController:
         window_s: float = 5.0,
         lease_s: float = 5.0,
         tuning: law.Tuning | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        capacity_memory_s: float = 300.0,
     ) -> None:
         self._bus = bus
+        self._clock = clock
         self.instance = instance
         self._models = models
         self._policies = policies
@@ -149,18 +153,25 @@ class BatchController:
         self._changed_at: dict[str, float] = {}
         self._correction: dict[str, float] = {}
         self._refreshed: dict[str, float] = {}
+        # What each cap delivered (items/s) while its queue built up, and when: the evidence
+        # behind the throughput floor, which binds only while the load comes near it. Kept
+        # for capacity_memory_s and refreshed whenever that cap overloads again.
+        self._delivered: dict[str, dict[int, tuple[float, float]]] = {}
+        self._capacity_memory = capacity_memory_s
 
     async def observe(self, event: BatchObserved) -> None:
+        """Add one worker observation to the target's windows (the subscription callback)."""
+        self.add(event)
+
+    def add(self, event: BatchObserved) -> None:
         """Add one worker observation to the target's windows."""
-        obs = law.Observation(event.size, event.queue_ms, event.exec_ms, time.monotonic())
+        obs = law.Observation(event.size, event.queue_ms, event.exec_ms, self._clock())
         self._recent.setdefault(event.target, deque(maxlen=4096)).append(obs)
         self._history.setdefault(event.target, deque(maxlen=4096)).append(obs)
 
     async def run(self) -> None:
         """Subscribe to observations and decide once per interval while leader."""
-        sub = await self._bus.subscribe(
-            f"{BATCH_OBSERVED}.>", batch_observed_decoder, self.observe
-        )
+        sub = await self._bus.subscribe(f"{BATCH_OBSERVED}.>", batch_observed_decoder, self.observe)
         try:
             while True:
                 try:
@@ -176,15 +187,18 @@ class BatchController:
 
     def window(self, target: str) -> list[law.Observation]:
         """Observations of target since its last policy change, within window_s."""
-        horizon = max(time.monotonic() - self._window, self._changed_at.get(target, 0.0))
+        horizon = self._horizon(target)
         recent = self._recent.get(target, deque())
         while recent and recent[0].at < horizon:
             recent.popleft()
         return list(recent)
 
+    def _horizon(self, target: str) -> float:
+        return max(self._clock() - self._window, self._changed_at.get(target, 0.0))
+
     def _fit_window(self, target: str) -> list[law.Observation]:
         history = self._history.get(target, deque())
-        horizon = time.monotonic() - 6 * self._window
+        horizon = self._clock() - 6 * self._window
         while history and history[0].at < horizon:
             history.popleft()
         return list(history)
@@ -218,28 +232,33 @@ class BatchController:
                 leader=self.instance,
             )
         window = self.window(target)
-        stats = law.summarize(window)
+        stats = law.summarize(window, self._clock() - self._horizon(target))
         limits = law.Limits(slo_ms=spec.slo_ms, model_max_batch=spec.max_batch_size)
         decision: law.Decision | None
         if current.max_batch_size > spec.max_batch_size:
-            decision = law.Decision(spec.max_batch_size, current.max_delay_ms,
-                                    "spec: model max_batch_size lowered")
+            decision = law.Decision(
+                spec.max_batch_size, current.max_delay_ms, "spec: model max_batch_size lowered"
+            )
         elif self.law == "aimd":
             decision = law.aimd(
                 current.max_batch_size, current.max_delay_ms, stats, limits, self._tuning
             )
         else:
+            line = law.fit(self._fit_window(target))
             decision = law.fitted(
                 current.max_batch_size,
                 current.max_delay_ms,
                 stats,
-                law.fit(self._fit_window(target)),
+                line,
                 limits,
                 self._correction.get(target, 1.0),
                 self._tuning,
+                floor=self.floor(target, self.rate(target), line, spec.max_batch_size),
             )
             if decision is not None:
                 self._correction[target] = decision.correction
+                if decision.overloaded:
+                    self._remember(target, current.max_batch_size, stats.rate)
         p99 = round(stats.p99_ms, 2) if stats.batches else current.p99_ms
         if decision is None or decision.code == "hold":
             # Refresh the p99 that `infermesh status` shows now and then, not every tick.
@@ -249,7 +268,7 @@ class BatchController:
                     current, p99_ms=p99, updated_unix=now, leader=self.instance
                 )
             return None
-        self._changed_at[target] = time.monotonic()
+        self._changed_at[target] = self._clock()
         self._refreshed[target] = now
         return BatchPolicy(
             target=target,
@@ -265,6 +284,40 @@ class BatchController:
             p99_ms=p99,
             leader=self.instance,
         )
+
+    def rate(self, target: str) -> float:
+        """Items/s the workers completed for target over the last window_s, whatever the policy.
+
+        The throughput floor needs the load, and a window that restarts at every change is
+        too short for it: one second of completions swings by half on a busy machine.
+        """
+        history = self._history.get(target, deque())
+        if not history:
+            return 0.0
+        now = self._clock()
+        since = max(now - self._window, history[0].at)
+        items = sum(o.size for o in history if o.at >= since)
+        return items / max(now - since, self._interval)
+
+    def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
+        """The smallest cap that carries rate items/s, from the caps seen overloaded."""
+        delivered = self._delivered.get(target, {})
+        now = self._clock()
+        for cap in [c for c, (_, at) in delivered.items() if now - at > self._capacity_memory]:
+            del delivered[cap]
+        if line is None or not delivered:
+            return 1
+        return law.throughput_floor(
+            {cap: r for cap, (r, _) in delivered.items()},
+            rate,
+            line,
+            model_max_batch,
+            self._tuning,
+        )
+
+    def _remember(self, target: str, cap: int, rate: float) -> None:
+        if rate > 0:
+            self._delivered.setdefault(target, {})[cap] = (rate, self._clock())
 
     async def _write(self, policy: BatchPolicy, span: trace.Span) -> None:
         previous = self._policies.values.get(policy.target)
@@ -286,6 +339,11 @@ class BatchController:
                 "infermesh.batch.reason": policy.reason,
             },
         )
-        log.info("batch policy %s r%d: max batch %d, max delay %.2f ms (%s)", policy.target,
-                 policy.revision, policy.max_batch_size, policy.max_delay_ms, policy.reason)
-
+        log.info(
+            "batch policy %s r%d: max batch %d, max delay %.2f ms (%s)",
+            policy.target,
+            policy.revision,
+            policy.max_batch_size,
+            policy.max_delay_ms,
+            policy.reason,
+        )

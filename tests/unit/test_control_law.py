@@ -10,8 +10,9 @@ SLO = 100.0
 A, B = 20.0, 0.5  # synthetic cost: exec_ms = 20 + 0.5·n
 
 
-def saturated(max_batch: int, delay_ms: float, count: int = 40, seed: int = 0,
-              a: float = A, b: float = B) -> list[law.Observation]:
+def saturated(
+    max_batch: int, delay_ms: float, count: int = 40, seed: int = 0, a: float = A, b: float = B
+) -> list[law.Observation]:
     """Batches of a loaded target: full, each waiting for one running batch to finish."""
     rng = random.Random(seed)
     out = []
@@ -112,8 +113,9 @@ def test_the_fitted_law_backs_off_when_the_model_underestimates() -> None:
 def test_the_fitted_law_keeps_capacity_when_arrivals_exceed_it() -> None:
     # A queue far longer than two batches is overload: shrinking batches would worsen it.
     obs = [law.Observation(30, 400.0, 35.0, float(i)) for i in range(20)]
-    d = law.fitted(30, 1.0, law.summarize(obs), law.fit(mixed([1, 2, 4, 8, 30])),
-                   law.Limits(SLO, 128))
+    d = law.fitted(
+        30, 1.0, law.summarize(obs), law.fit(mixed([1, 2, 4, 8, 30])), law.Limits(SLO, 128)
+    )
     # 30 is the largest cap within the target (2·(20 + 0.5·30) = 70 ms), but over capacity
     # the target is lost to queueing anyway: the cap grows (cheaper per item), never shrinks.
     assert d is not None and d.correction == 1.0 and d.max_batch_size == 60
@@ -144,3 +146,71 @@ def test_both_laws_converge_under_a_saturating_load() -> None:
         caps.append(mb)
     # AIMD saws between half the largest safe cap (latency ≤ SLO: n ≤ 60) and just above it.
     assert 25 <= min(caps[-40:]) and max(caps[-40:]) <= 64
+
+
+def test_one_decision_at_most_halves_the_cap() -> None:
+    # The fit says 5 fits the target, but one window is not enough evidence for a 64 -> 5 jump:
+    # the next window judges 32 first.
+    obs = [law.Observation(64, 1.0, 2.0 + 2.0 * 64, float(i)) for i in range(20)]
+    line = law.fit(mixed([1, 2, 4, 8]))
+    d = law.fitted(64, 1.0, law.summarize(obs), line, law.Limits(SLO, 128))
+    assert d is not None and d.max_batch_size == 32
+
+
+def test_a_backlog_is_not_blamed_on_the_batch_size() -> None:
+    # Over the SLO, but the requests waited for several batches, not for one (a backlog
+    # draining after a burst), and the batches are far from the cap: the correction stays,
+    # and the cap is what the fit says, not smaller.
+    obs = [law.Observation(4, 150.0, A + B * 4, float(i)) for i in range(20)]
+    stats = law.summarize(obs)
+    assert stats.p99_ms > SLO
+    d = law.fitted(30, 1.0, stats, law.fit(mixed([1, 2, 4, 8, 30])), law.Limits(SLO, 128))
+    assert d is not None and d.correction == 1.0 and not d.overloaded
+    assert d.code != "violation" and d.max_batch_size == 30
+
+
+def test_an_overload_needs_full_batches() -> None:
+    queued = [law.Observation(30, 400.0, 35.0, float(i)) for i in range(20)]
+    d = law.fitted(
+        30, 1.0, law.summarize(queued), law.fit(mixed([1, 2, 4, 8, 30])), law.Limits(SLO, 128)
+    )
+    assert d is not None and d.overloaded
+    half = [law.Observation(12, 400.0, 26.0, float(i)) for i in range(20)]
+    d = law.fitted(
+        30, 1.0, law.summarize(half), law.fit(mixed([1, 2, 4, 8, 30])), law.Limits(SLO, 128)
+    )
+    assert d is not None and not d.overloaded
+
+
+def test_the_throughput_floor_follows_what_an_overloaded_cap_delivered() -> None:
+    line = law.Fit(a=2.8, b=0.3, resid_p99=0.0)
+    # Cap 1 delivered 500/s with its queue building: 727/s needs 2 (cost per item 2.8/n + 0.3
+    # against 3.1 at cap 1, with 20 % headroom).
+    assert law.throughput_floor({1: 500.0}, 727.0, line, 64) == 2
+    assert law.throughput_floor({1: 500.0}, 1000.0, line, 64) == 3  # 2.8/3 + 0.3 <= 1.24
+    # A load cap 1 carries with headroom needs no floor, and no evidence means no floor.
+    assert law.throughput_floor({1: 500.0}, 300.0, line, 64) == 1
+    assert law.throughput_floor({}, 727.0, line, 64) == 1
+    # Even the largest cap measured falls short: the floor is the model's limit.
+    assert law.throughput_floor({64: 800.0}, 727.0, line, 64) == 64
+
+
+def test_the_fitted_law_never_goes_below_the_throughput_floor() -> None:
+    # A correction at its minimum asks for cap 1 (target 0.3·0.7·SLO); the load needs 6.
+    obs = [law.Observation(8, 1.0, A + B * 8, float(i)) for i in range(20)]
+    line = law.fit(mixed([1, 2, 4, 8]))
+    limits = law.Limits(SLO, 128)
+    d = law.fitted(8, 1.0, law.summarize(obs), line, limits, 0.3, floor=6)
+    assert d is not None and d.max_batch_size == 6
+    assert law.fitted(8, 1.0, law.summarize(obs), line, limits, 0.3).max_batch_size == 4
+
+
+def test_at_the_floor_a_violation_does_not_shrink_the_target_further() -> None:
+    obs = [law.Observation(6, 1.0, 110.0, float(i)) for i in range(20)]
+    stats = law.summarize(obs)
+    assert stats.p99_ms > SLO
+    line = law.fit(mixed([1, 2, 4, 8]))
+    at_floor = law.fitted(6, 1.0, stats, line, law.Limits(SLO, 128), 0.5, floor=6)
+    above = law.fitted(12, 1.0, stats, line, law.Limits(SLO, 128), 0.5, floor=6)
+    assert at_floor is not None and at_floor.correction == 0.5
+    assert above is not None and above.correction < 0.5 and above.code == "violation"
