@@ -4,7 +4,10 @@ Starts a LocalMesh (NATS + router + batcher + inference worker as processes), me
 capacity with a short closed-loop ramp, then sends an open-loop request rate of
 ``--load`` x capacity for ``--minutes``. Prints errors, p50/p99 per minute and the RSS of
 every service after the first minute and at the end; exits non-zero when a request failed
-or a service's RSS grew 10 % or more.
+or a service's RSS grew 10 % or more. Each minute also shows what explains its latency: the
+batcher's deepest queue and the range of batch caps the controller set (sampled every second
+through ``Batcher/QueueStatus``), how far the generator fell behind its schedule (on 2 shared
+cores it competes with the mesh) and the machine's load average.
 
     .venv/bin/python bench/soak.py --minutes 10            # echo with a synthetic cost
     .venv/bin/python bench/soak.py --model minilm-l6 --minutes 10
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc is imported
@@ -31,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.cli.supervisor import LocalMesh  # noqa: E402  (after the path and env set-up)
-from shared.pb.infermesh.v1 import router_pb2, router_pb2_grpc  # noqa: E402
+from shared.pb.infermesh.v1 import (  # noqa: E402
+    batcher_pb2,
+    batcher_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from shared.tensors import from_numpy  # noqa: E402
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -81,16 +91,72 @@ async def closed_loop(
     return done / (time.monotonic() - start)
 
 
+@dataclass
+class Minute:
+    """One minute of the soak."""
+
+    n: int
+    ok: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    queue_max: int
+    """Deepest batcher queue sampled in the minute."""
+    caps: tuple[int, int]
+    """Smallest and largest batch cap the batcher applied in the minute."""
+    behind_p99_ms: float
+    """How late the generator sent its requests (p99): its own lag, not the mesh's."""
+    load1: float
+
+    def line(self) -> str:
+        return (
+            f"  minute {self.n}: {self.ok} ok, {self.errors} errors, p50 {self.p50_ms:.1f} ms, "
+            f"p99 {self.p99_ms:.1f} ms | queue max {self.queue_max}, cap "
+            f"{self.caps[0]}-{self.caps[1]}, sender behind p99 {self.behind_p99_ms:.1f} ms, "
+            f"load {self.load1:.1f}"
+        )
+
+
+class QueueSampler:
+    """Samples the batcher's queue depth and batch cap once a second."""
+
+    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, model: str) -> None:
+        self._stub = stub
+        self._model = model
+        self.depths: list[int] = []
+        self.caps: list[int] = []
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await self._stub.QueueStatus(batcher_pb2.QueueStatusRequest(), timeout=1)
+                for q in reply.queues:
+                    if q.target == self._model:
+                        self.depths.append(q.depth)
+                        self.caps.append(q.max_batch_size)
+            await asyncio.sleep(1.0)
+
+    def take(self) -> tuple[int, tuple[int, int]]:
+        """(deepest queue, (smallest cap, largest cap)) since the last take()."""
+        depth = max(self.depths, default=0)
+        caps = (min(self.caps, default=0), max(self.caps, default=0))
+        self.depths.clear()
+        self.caps.clear()
+        return depth, caps
+
+
 async def soak(
     stub: router_pb2_grpc.RouterStub,
     model: str,
     rate: float,
     minutes: float,
+    sampler: QueueSampler,
     after_first_minute: Callable[[], None] = lambda: None,
-) -> tuple[list[tuple[int, int, int, float, float]], int]:
-    """Open loop at `rate`/s; per minute (n, ok, errors, p50 ms, p99 ms) and total errors."""
-    minutes_out: list[tuple[int, int, int, float, float]] = []
+) -> tuple[list[Minute], int]:
+    """Open loop at `rate`/s; one Minute per minute, and the total errors."""
+    minutes_out: list[Minute] = []
     latencies: list[float] = []
+    behind: list[float] = []
     errors = 0
     minute_errors = 0
     pending: set[asyncio.Task[None]] = set()
@@ -107,6 +173,8 @@ async def soak(
             if minute_errors <= 3:  # the first few of each minute say what went wrong
                 print(f"  error: {err.code().name}: {err.details()}", flush=True)
 
+    sampling = asyncio.get_running_loop().create_task(sampler.run())
+    sampler.take()
     interval = 1.0 / rate
     start = time.monotonic()
     minute_start = start
@@ -115,6 +183,8 @@ async def soak(
         due = start + i * interval
         if due > now:
             await asyncio.sleep(due - now)
+        else:
+            behind.append((now - due) * 1000)
         i += 1
         task = asyncio.get_running_loop().create_task(one(i))
         pending.add(task)
@@ -124,25 +194,30 @@ async def soak(
             if last:
                 await asyncio.gather(*pending)
             lat = np.array(latencies)
-            row = (
-                len(minutes_out) + 1,
-                len(lat),
-                minute_errors,
-                float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-                float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            depth, caps = sampler.take()
+            row = Minute(
+                n=len(minutes_out) + 1,
+                ok=len(lat),
+                errors=minute_errors,
+                p50_ms=float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+                p99_ms=float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+                queue_max=depth,
+                caps=caps,
+                behind_p99_ms=float(np.percentile(behind, 99)) if behind else 0.0,
+                load1=os.getloadavg()[0],
             )
             minutes_out.append(row)
-            print(
-                f"  minute {row[0]}: {row[1]} ok, {row[2]} errors, "
-                f"p50 {row[3]:.1f} ms, p99 {row[4]:.1f} ms",
-                flush=True,
-            )
+            print(row.line(), flush=True)
             latencies.clear()
+            behind.clear()
             minute_errors = 0
             minute_start = time.monotonic()
             if len(minutes_out) == 1:
                 after_first_minute()
     await asyncio.gather(*pending)
+    sampling.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampling
     return minutes_out, errors
 
 
@@ -160,8 +235,13 @@ async def warm(stub: router_pb2_grpc.RouterStub, model: str, timeout: float = 60
 
 
 async def run(args: argparse.Namespace, mesh: LocalMesh) -> int:
-    async with grpc.aio.insecure_channel(mesh.router_address) as channel:
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    async with (
+        grpc.aio.insecure_channel(mesh.router_address) as channel,
+        grpc.aio.insecure_channel(mesh.endpoints["batcher"]) as batcher,
+    ):
         stub = router_pb2_grpc.RouterStub(channel)
+        sampler = QueueSampler(batcher_pb2_grpc.BatcherStub(batcher), args.model)
         await warm(stub, args.model)
         print("capacity ramp (closed loop, 3 s per level):", flush=True)
         best, best_concurrency = 0.0, 1
@@ -184,7 +264,7 @@ async def run(args: argparse.Namespace, mesh: LocalMesh) -> int:
         def warmed() -> None:
             rss_start.update({c.name: rss_mib(c.pid) for c in mesh.children})
 
-        minutes, errors = await soak(stub, args.model, rate, args.minutes, warmed)
+        minutes, errors = await soak(stub, args.model, rate, args.minutes, sampler, warmed)
         rss_end = {c.name: rss_mib(c.pid) for c in mesh.children}
     print("\nRSS (MiB) after the first soak minute -> at the end:")
     grew = []
@@ -193,12 +273,13 @@ async def run(args: argparse.Namespace, mesh: LocalMesh) -> int:
         print(f"  {name:18s} {rss_start[name]:7.1f} -> {rss_end[name]:7.1f}  ({growth:+.1%})")
         if growth >= 0.10:
             grew.append(name)
-    p99s = [m[4] for m in minutes]
-    total = sum(m[1] for m in minutes)
+    p99s = [m.p99_ms for m in minutes]
+    total = sum(m.ok for m in minutes)
     print(
         f"\nsoak: {total} requests at {rate:.0f} req/s ({args.load:.0%} of {best:.0f}), "
         f"{errors} errors, p99 per minute {[round(p, 1) for p in p99s]} ms"
     )
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     dead = [c.name for c in mesh.dead()]
     if dead:
         print(f"exited during the soak: {dead}")
