@@ -134,7 +134,7 @@ class BatchController:
         lease_s: float = 5.0,
         tuning: law.Tuning | None = None,
         clock: Callable[[], float] = time.monotonic,
-        capacity_memory_s: float = 300.0,
+        capacity_memory_s: float = 1800.0,
     ) -> None:
         self._bus = bus
         self._clock = clock
@@ -155,7 +155,9 @@ class BatchController:
         self._refreshed: dict[str, float] = {}
         # What each cap delivered (items/s) while its queue built up, and when: the evidence
         # behind the throughput floor, which binds only while the load comes near it. Kept
-        # for capacity_memory_s and refreshed whenever that cap overloads again.
+        # for capacity_memory_s (long: a cap kept at its floor never overloads, so nothing
+        # refreshes the evidence, and forgetting it means re-learning it by a backlog; a
+        # floor too high only costs latency in bursts) and replaced when that cap overloads.
         self._delivered: dict[str, dict[int, tuple[float, float]]] = {}
         self._capacity_memory = capacity_memory_s
 

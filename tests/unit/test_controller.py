@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from services.batcher import control_law as law
 from services.batcher.controller import BatchController
 from shared.events import BatchObserved, BatchPolicy, ModelSpec
 
@@ -238,3 +239,37 @@ def test_on_a_busy_machine_the_cap_stays_where_it_carries_the_load() -> None:
         assert trace.depth_after(25.0) <= 128, seed
         assert min(trace.caps_after(25.0)) >= 2, seed
         assert max(trace.p99_windows(25.0, 60.0)) <= 3 * SLO_MS, seed
+
+
+def test_what_an_overloaded_cap_delivered_still_bounds_the_cap_ten_minutes_later() -> None:
+    # A cap held at its floor never overloads again, so nothing refreshes the evidence; if
+    # it were forgotten within a soak, the cap would walk down and rebuild the backlog.
+    now = [0.0]
+    spec = ModelSpec(name="m", backend="echo", max_batch_size=64, slo_ms=SLO_MS)
+    policies = View({"m": BatchPolicy(target="m", max_batch_size=2, max_delay_ms=0.0)})
+    controller = BatchController(
+        None,  # type: ignore[arg-type]
+        "sim",
+        View({"m": spec}),  # type: ignore[arg-type]
+        policies,  # type: ignore[arg-type]
+        clock=lambda: now[0],
+    )
+
+    def second_of(size: int, per_s: int, queue_ms: float) -> None:
+        for _ in range(per_s // size):
+            now[0] += size / per_s
+            controller.add(
+                BatchObserved(
+                    target="m", size=size, queue_ms=queue_ms, exec_ms=2.8 + 0.3 * size, worker="w"
+                )
+            )
+
+    second_of(2, 600, 300.0)  # cap 2, full batches, a queue far longer than one batch
+    overload = controller.decide("m", spec)
+    assert overload is not None and overload.reason.startswith("overload")
+    for _ in range(600):  # ten minutes at 700/s in batches of 8, no backlog
+        second_of(8, 700, 1.0)
+    line = law.Fit(a=2.8, b=0.3, resid_p99=0.0)
+    assert controller.rate("m") > 650
+    # Never back to the cap that could not carry 600/s.
+    assert controller.floor("m", controller.rate("m"), line, 64) > 2
