@@ -160,7 +160,7 @@ class BlockAccess(Event, frozen=True, kw_only=True, tag="block_access"):
     reads: dict[int, int] = msgspec.field(default_factory=dict)
     """block -> reads since the last report."""
     block_bytes: dict[int, int] = msgspec.field(default_factory=dict)
-    """block -> bytes it takes in RAM/GPU (every block the worker holds)."""
+    """block -> bytes it takes in its current tier (every block the worker holds)."""
     tiers: dict[int, str] = msgspec.field(default_factory=dict)
     """block -> tier it is in now."""
     hot_budget: int = 0
@@ -169,6 +169,9 @@ class BlockAccess(Event, frozen=True, kw_only=True, tag="block_access"):
     """Bytes of RAM the worker gives to warm blocks."""
     period_s: float = 0.0
     at_unix: float = 0.0
+    bytes_in: dict[str, dict[int, int]] = msgspec.field(default_factory=dict)
+    """tier -> block -> bytes the block takes (or would take) in that tier, for the fast
+    tiers; differs from ``block_bytes`` where a tier holds blocks compressed (float16, SQ8)."""
 
 
 class TierMove(Event, frozen=True, kw_only=True, tag="tier_move"):

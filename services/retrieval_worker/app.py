@@ -22,7 +22,7 @@ import msgspec
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from threadpoolctl import ThreadpoolController
 
-from services.retrieval_worker.blocks import BlockSource, Tier
+from services.retrieval_worker.blocks import BlockSource, Codec, Tier
 from services.retrieval_worker.config import RetrievalConfig
 from services.retrieval_worker.gpu_tier import free_device_bytes, hot_source
 from services.retrieval_worker.handlers import RetrievalWorkerServicer
@@ -83,6 +83,7 @@ class RetrievalWorker(Service):
             root, flush_rows=max(config.flush_rows * 2, 1),
             default_tier=WarmAllowance(self.warm_budget),
             sources_for=(lambda spec: {Tier.HOT: hot(spec.metric)}) if hot else None,
+            warm_codec=Codec(config.warm_codec),
         )
         self.tier_agent: TierAgent | None = None
         self.servicer = RetrievalWorkerServicer(
@@ -231,9 +232,10 @@ def hot_source_of(config: RetrievalConfig) -> Callable[[str], BlockSource] | Non
     if hot_source("ip", allow_cpu=config.hot_on_cpu) is None:
         log.info("no GPU (torch with CUDA) here: blocks are tiered warm/cold only")
         return None
+    codec = Codec(config.hot_codec)
 
     def make(metric: str) -> BlockSource:
-        source = hot_source(metric, allow_cpu=config.hot_on_cpu)
+        source = hot_source(metric, allow_cpu=config.hot_on_cpu, codec=codec)
         assert source is not None  # checked above; the machine does not lose its GPU
         return source
 

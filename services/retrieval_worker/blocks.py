@@ -30,11 +30,12 @@ import faiss
 import numpy as np
 
 from services.retrieval_worker.manifest import fsync_dir, save_npy_atomic
-from services.retrieval_worker.tiers import Chunk, Tier
+from services.retrieval_worker.tiers import SQ8, Chunk, Codec, Tier, block_bytes
 
 SUFFIXES = ("vec", "ids", "off", "del")
 
-__all__ = ["Chunk", "Tier"]  # re-exported: they live in tiers.py (no faiss import)
+# re-exported: they live in tiers.py (no faiss import)
+__all__ = ["SQ8", "Chunk", "Codec", "Tier", "block_bytes"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class BlockSource(Protocol):
     """One tier: turns a block's committed segment files into a view served from that tier."""
 
     tier: Tier
+    codec: Codec  # how the tier holds vectors (what a block of n rows costs there)
 
     def load(
         self,
@@ -191,7 +193,15 @@ class ColdBlock:
 
 
 class WarmBlock:
-    """A block held in RAM as FAISS inverted lists; numpy scans view the same memory."""
+    """A block held in RAM, as its storage dtype, float16 or SQ8 codes.
+
+    Float32 and float16 rows sit in FAISS inverted lists (the codes of ``IndexIVFFlat`` and of
+    ``IndexIVFScalarQuantizer`` ``QT_fp16`` are the raw little-endian vectors), so FAISS scans
+    them in place and numpy scans view the same memory. SQ8 codes carry ranges of their own
+    block, which no FAISS IVF index takes per list: they sit in FAISS lists of their own
+    (``sq8_invlists``, not ``invlists``), which the searcher scans with a ``QT_8bit_direct``
+    index and queries scaled per block, and numpy views them too.
+    """
 
     tier = Tier.WARM
 
@@ -201,18 +211,16 @@ class WarmBlock:
         nlists: int,
         segments: Sequence[SegmentFiles],
         live: Sequence[np.ndarray | None],
+        *,
+        codec: Codec = Codec.NONE,
+        metric: str = "ip",
     ) -> None:
         self.block_id = block_id
+        self.codec = codec
         opened = [_open(s, mmap=True) for s in segments]
         dim = opened[0][0].shape[1] if opened else 1
-        itemsize = opened[0][0].dtype.itemsize if opened else 4
-        dtype = opened[0][0].dtype if opened else np.dtype(np.float32)
-        code_size = dim * itemsize
-        # The codes of IndexIVFFlat (float32) and IndexIVFScalarQuantizer QT_fp16 are the raw
-        # little-endian vectors, so the storage bytes go in unchanged and FAISS scans them.
-        self._il = faiss.ArrayInvertedLists(nlists, code_size)
-        self._chunks: list[list[Chunk]] = []
-        count = 0
+        stored = opened[0][0].dtype if opened else np.dtype(np.float32)
+        per_list: list[tuple[np.ndarray, np.ndarray] | None] = []
         for j in range(nlists):
             vs, ids = [], []
             for (vec, sid, off), mask in zip(opened, live, strict=True):
@@ -223,35 +231,85 @@ class WarmBlock:
                         v, i = v[mask[a:b]], i[mask[a:b]]
                     vs.append(v)
                     ids.append(i)
-            n = sum(len(i) for i in ids)
-            if n == 0:
+            if sum(len(i) for i in ids) == 0:
+                per_list.append(None)
+                continue
+            per_list.append((np.concatenate(vs), np.concatenate(ids).astype(np.int64)))
+        self.count = sum(len(p[1]) for p in per_list if p is not None)
+        self.nbytes = block_bytes(codec, dim, stored.itemsize, metric, self.count)
+        self._chunks: list[list[Chunk]] = []
+        self._il: faiss.InvertedLists | None = None
+        self._sq8_il: faiss.InvertedLists | None = None
+        if codec is Codec.SQ8:
+            self._load_sq8(per_list, dim, metric)
+            return
+        dtype = np.dtype(np.float16) if codec is Codec.FLOAT16 else stored
+        code_size = dim * dtype.itemsize
+        self._il = faiss.ArrayInvertedLists(nlists, code_size)
+        for j, found in enumerate(per_list):
+            if found is None:
                 self._chunks.append([])
                 continue
-            v_all = np.ascontiguousarray(np.concatenate(vs), dtype=dtype)
-            i_all = np.ascontiguousarray(np.concatenate(ids), dtype=np.int64)
+            v_all = np.ascontiguousarray(found[0], dtype=dtype)
+            i_all = np.ascontiguousarray(found[1])
+            n = i_all.size
             self._il.add_entries(j, n, faiss.swig_ptr(i_all), faiss.swig_ptr(v_all.view(np.uint8)))
             codes = faiss.rev_swig_ptr(self._il.get_codes(j), n * code_size)
             v_view = np.frombuffer(codes, dtype=np.uint8).view(dtype).reshape(n, dim)
             i_view = faiss.rev_swig_ptr(self._il.get_ids(j), n)
             self._chunks.append([Chunk(v_view, i_view, None)])
-            count += n
-        self.count = count
-        self.nbytes = count * (code_size + 8)
+
+    def _load_sq8(
+        self, per_list: list[tuple[np.ndarray, np.ndarray] | None], dim: int, metric: str
+    ) -> None:
+        found = [p for p in per_list if p is not None]
+        rows = (np.concatenate([p[0] for p in found]) if found
+                else np.empty((0, dim), np.float32))
+        self.sq8 = SQ8.train(rows)
+        codes = self.sq8.encode(rows)
+        norms = None
+        if metric == "l2":
+            decoded = self.sq8.decode(codes)
+            norms = np.einsum("ij,ij->i", decoded, decoded).astype(np.float32)
+        # FAISS lists of the raw codes: FAISS's QT_8bit_direct reads a code as the number it
+        # is, so a query scaled by this block's ranges scores them (search.py)
+        self._sq8_il = faiss.ArrayInvertedLists(len(per_list), dim)
+        at = 0
+        for j, p in enumerate(per_list):
+            if p is None:
+                self._chunks.append([])
+                continue
+            n = p[1].size
+            c_all = np.ascontiguousarray(codes[at : at + n])
+            i_all = np.ascontiguousarray(p[1])
+            self._sq8_il.add_entries(j, n, faiss.swig_ptr(i_all), faiss.swig_ptr(c_all))
+            c_view = np.frombuffer(faiss.rev_swig_ptr(self._sq8_il.get_codes(j), n * dim),
+                                   dtype=np.uint8).reshape(n, dim)
+            i_view = faiss.rev_swig_ptr(self._sq8_il.get_ids(j), n)
+            self._chunks.append([Chunk(c_view, i_view, None, self.sq8,
+                                       None if norms is None else norms[at : at + n])])
+            at += n
 
     def chunks(self, local_list: int) -> list[Chunk]:
         """The one run of ``local_list`` (dead rows were dropped when the block was loaded)."""
         return self._chunks[local_list]
 
     @property
-    def invlists(self) -> faiss.InvertedLists:
-        """The block's FAISS inverted lists (read-only once built)."""
+    def invlists(self) -> faiss.InvertedLists | None:
+        """The block's FAISS inverted lists (read-only once built); None for SQ8 codes."""
         return self._il
+
+    @property
+    def sq8_invlists(self) -> faiss.InvertedLists | None:
+        """SQ8 codes as FAISS lists (``QT_8bit_direct`` layout, ranges in ``sq8``), or None."""
+        return self._sq8_il
 
 
 class ColdSource:
     """Cold tier: block files memory-mapped on demand; the page cache decides what stays."""
 
     tier = Tier.COLD
+    codec = Codec.NONE
 
     def load(
         self,
@@ -265,9 +323,13 @@ class ColdSource:
 
 
 class WarmSource:
-    """Warm tier: block read fully into RAM (dead rows dropped) as FAISS inverted lists."""
+    """Warm tier: block read fully into RAM (dead rows dropped), stored under ``codec``."""
 
     tier = Tier.WARM
+
+    def __init__(self, codec: Codec = Codec.NONE, metric: str = "ip") -> None:
+        self.codec = codec
+        self.metric = metric
 
     def load(
         self,
@@ -277,7 +339,7 @@ class WarmSource:
         live: Sequence[np.ndarray | None],
     ) -> BlockView:
         """Read the block into RAM now (the caller swaps it in once this returns)."""
-        return WarmBlock(block_id, nlists, segments, live)
+        return WarmBlock(block_id, nlists, segments, live, codec=self.codec, metric=self.metric)
 
 
 class ReadCounters:

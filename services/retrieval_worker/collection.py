@@ -49,11 +49,13 @@ from services.retrieval_worker.blocks import (
     SUFFIXES,
     BlockSource,
     BlockView,
+    Codec,
     ColdSource,
     ReadCounters,
     SegmentFiles,
     Tier,
     WarmSource,
+    block_bytes,
     block_dir,
     live_masks,
     write_segment,
@@ -93,8 +95,8 @@ class CollectionInfo(msgspec.Struct, frozen=True, kw_only=True):
     bytes_by_tier: dict[str, int]
 
 
-#: The tier of a block nobody placed yet: fixed, or chosen from the bytes it will take
-#: (the worker's warm allowance: warm until its budget fills, then cold).
+#: The tier of a block nobody placed yet: fixed, or chosen from the bytes it will take in
+#: the warm tier (the worker's warm allowance: warm until its budget fills, then cold).
 DefaultTier = Tier | Callable[[int], Tier]
 
 
@@ -138,11 +140,14 @@ class Collection:
         sources: Mapping[Tier, BlockSource] | None,
         flush_rows: int,
         crossover: float,
+        warm_codec: Codec = Codec.NONE,
     ) -> None:
         self.root = root
         self.spec = manifest.spec
         self._manifest = manifest
-        self._sources: dict[Tier, BlockSource] = {Tier.WARM: WarmSource(), Tier.COLD: ColdSource()}
+        self._sources: dict[Tier, BlockSource] = {
+            Tier.WARM: WarmSource(warm_codec, manifest.spec.metric), Tier.COLD: ColdSource(),
+        }
         self._sources.update(sources or {})
         if isinstance(default_tier, Tier) and default_tier not in self._sources:
             raise InvalidArgument(f"no block source for tier {default_tier}")
@@ -183,8 +188,12 @@ class Collection:
         sources: Mapping[Tier, BlockSource] | None = None,
         flush_rows: int = 200_000,
         crossover: float = DEFAULT_CROSSOVER,
+        warm_codec: Codec = Codec.NONE,
     ) -> Collection:
-        """Create an empty collection at ``root`` (which must not hold one already)."""
+        """Create an empty collection at ``root`` (which must not hold one already).
+
+        ``warm_codec`` is how warm blocks are held in RAM (the files keep ``spec.dtype``).
+        """
         root = Path(root)
         if (root / "manifest.json").exists():
             raise FailedPrecondition(f"a collection already exists at {root}")
@@ -192,7 +201,7 @@ class Collection:
         (root / "blocks").mkdir(exist_ok=True)
         save_manifest(root, Manifest(spec=spec))
         return cls(root, load_manifest(root), default_tier=default_tier, sources=sources,
-                   flush_rows=flush_rows, crossover=crossover)
+                   flush_rows=flush_rows, crossover=crossover, warm_codec=warm_codec)
 
     @classmethod
     def open(
@@ -203,11 +212,12 @@ class Collection:
         sources: Mapping[Tier, BlockSource] | None = None,
         flush_rows: int = 200_000,
         crossover: float = DEFAULT_CROSSOVER,
+        warm_codec: Codec = Codec.NONE,
     ) -> Collection:
         """Open the committed state of the collection at ``root`` (after a crash too)."""
         root = Path(root)
         return cls(root, load_manifest(root), default_tier=default_tier, sources=sources,
-                   flush_rows=flush_rows, crossover=crossover)
+                   flush_rows=flush_rows, crossover=crossover, warm_codec=warm_codec)
 
     def close(self) -> None:
         """Release files and connections; pending (unflushed) operations are dropped."""
@@ -264,6 +274,30 @@ class Collection:
     def block_bytes(self) -> dict[int, int]:
         """Bytes each block that holds data takes in its current tier."""
         return {b: v.nbytes for b, v in self._views.items()}
+
+    def tier_codecs(self) -> dict[Tier, Codec]:
+        """How each tier of this worker holds vectors."""
+        return {t: src.codec for t, src in self._sources.items()}
+
+    def bytes_in(self, tier: Tier) -> dict[int, int]:
+        """Bytes each block that holds data takes (or would take) in ``tier``.
+
+        Where a tier compresses (warm or hot SQ8/float16), a block's size depends on its
+        tier: tiering fills a budget with what blocks take *there*. Cold is the files.
+        """
+        src = self._sources.get(tier)
+        if src is None:
+            return {}
+        spec = self.spec
+        out = {}
+        for b, v in list(self._views.items()):
+            if v.tier is tier:
+                out[b] = v.nbytes
+            elif tier is Tier.COLD:
+                out[b] = v.count * (spec.dim * spec.itemsize + 8)
+            else:
+                out[b] = block_bytes(src.codec, spec.dim, spec.itemsize, spec.metric, v.count)
+        return out
 
     def read_counts(self, *, drain: bool = False) -> dict[int, dict[str, int]]:
         """Per-block list scans by tier since open (or since the last drain)."""
@@ -557,8 +591,13 @@ class Collection:
         if tier is None:
             if isinstance(self._default_tier, Tier):
                 return self._default_tier
-            nbytes = sum(s.path("vec").stat().st_size + s.path("ids").stat().st_size
-                         for s in segs)
+            count = 0
+            for s, mask in zip(segs, self._live[b], strict=True):
+                off = np.load(s.path("off"), allow_pickle=False)
+                count += int(off[-1]) if mask is None else int(mask.sum())
+            spec = self.spec
+            nbytes = block_bytes(self._sources[Tier.WARM].codec, spec.dim, spec.itemsize,
+                                 spec.metric, count)
             # decided once: a block must not bounce between tiers as flushes grow it
             tier = self._placement[b] = self._default_tier(nbytes)
         return tier
@@ -588,8 +627,8 @@ class Collection:
             return
         self._searcher = Searcher(
             dim=self.spec.dim, metric=self.spec.metric, nlist=self.spec.nlist,
-            lists_per_block=self.spec.lists_per_block, fp16=self.spec.dtype == "float16",
-            quantizer=self._quantizer, blocks=self._views, crossover=self._crossover,
+            lists_per_block=self.spec.lists_per_block, quantizer=self._quantizer,
+            blocks=self._views, crossover=self._crossover,
         )
 
     def _remove_orphans(self) -> None:

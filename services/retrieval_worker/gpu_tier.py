@@ -16,6 +16,10 @@ raises FailedPrecondition. ``allow_cpu`` builds a "hot" tier on the CPU for test
 Precision: float32 collections are scanned in float32 with TF32 off, so hot results equal the
 CPU scan up to float rounding; float16 collections are held and multiplied in float16
 (half the memory and bandwidth; ranks may differ from the CPU's float32 scan at near-ties).
+A hot codec (``INFERMESH_HOT_CODEC``) holds any collection's hot blocks as float16, or as SQ8
+codes (uint8 on the device, ranges per block as in the warm tier): a quarter of float32's
+memory, scored as ``q . base + (q * scale) . codes`` with the codes widened per scan (to
+float16 on a GPU). The CPU test device always multiplies in float32.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 
 # Only tiers.py at import time: the bench host (bench/gpu_tier.py) has torch and numpy but
 # neither faiss nor grpc, which blocks.py and errors.py import.
-from services.retrieval_worker.tiers import Chunk, Tier
+from services.retrieval_worker.tiers import SQ8, Chunk, Codec, Tier, block_bytes
 
 if TYPE_CHECKING:
     import faiss
@@ -109,38 +113,59 @@ class HotBlock:
         *,
         metric: str,
         device: str,
+        codec: Codec = Codec.NONE,
     ) -> None:
         torch = _torch()
         self.block_id = block_id
         self.metric = metric
         self.device = torch.device(device)
+        self.codec = codec
         nlists = offsets.size - 1
-        # float16 storage stays float16 on a GPU (half the memory); the CPU test device
-        # multiplies in float32 (CPU half GEMM is slow and imprecise)
-        dtype = (torch.float16 if vectors.dtype == np.float16 and self.device.type == "cuda"
-                 else torch.float32)
-        self._dtype = dtype
-        host = np.ascontiguousarray(vectors, dtype=np.float32 if dtype == torch.float32
-                                    else np.float16)
-        self.vectors = torch.from_numpy(host).to(self.device)
+        dim = vectors.shape[1] if vectors.ndim == 2 else 1
+        cuda = self.device.type == "cuda"
+        self.sq8: SQ8 | None = None
+        decoded: np.ndarray
+        if codec is Codec.SQ8:
+            self.sq8 = SQ8.train(vectors)
+            host = self.sq8.encode(vectors)
+            decoded = self.sq8.decode(host)
+        else:
+            half = codec is Codec.FLOAT16 or vectors.dtype == np.float16
+            host = np.ascontiguousarray(vectors, dtype=np.float16 if half else np.float32)
+            decoded = host
+        # float16 and SQ8 are multiplied in float16 on a GPU (half the bandwidth); the CPU
+        # test device multiplies in float32 (CPU half GEMM is slow and imprecise)
+        self._dtype = torch.float16 if cuda and host.dtype != np.float32 else torch.float32
+        self.vectors = torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+        if self.sq8 is not None:
+            self._scale = torch.from_numpy(self.sq8.scale).to(self.device)
+            self._base = torch.from_numpy(self.sq8.base).to(self.device)
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.ids_dev = torch.from_numpy(self.ids).to(self.device)  # results map on the device
         self.offsets = np.asarray(offsets, dtype=np.int64)
         lists = np.repeat(np.arange(nlists, dtype=np.int64), np.diff(self.offsets))
         self.row_list = torch.from_numpy(lists).to(self.device)
         # l2 ranks by 2 q.x - |x|^2 (as the CPU scanner); the norms are computed once here
-        self.sq_norms = (
-            (self.vectors.float() ** 2).sum(dim=1) if metric == "l2" else None
-        )
+        self.sq_norms = None
+        if metric == "l2":
+            d32 = np.asarray(decoded, dtype=np.float32)
+            self.sq_norms = torch.from_numpy(
+                np.einsum("ij,ij->i", d32, d32).astype(np.float32)).to(self.device)
         self.count = int(self.ids.size)
-        self.nbytes = self.count * (host.shape[1] * host.itemsize + 8) if host.ndim == 2 else 0
+        held = codec if codec is Codec.SQ8 else (
+            Codec.FLOAT16 if host.dtype == np.float16 else Codec.NONE)
+        self.nbytes = block_bytes(held, dim, 4, metric, self.count)
 
     def chunks(self, local_list: int) -> list[Chunk]:
         """List ``local_list`` copied back to the CPU (only for scanners without scan_block)."""
         a, b = int(self.offsets[local_list]), int(self.offsets[local_list + 1])
         if b <= a:
             return []
-        return [Chunk(self.vectors[a:b].float().cpu().numpy(), self.ids[a:b], None)]
+        rows = self.vectors[a:b].cpu().numpy()
+        if self.sq8 is not None:
+            norms = None if self.sq_norms is None else self.sq_norms[a:b].cpu().numpy()
+            return [Chunk(rows, self.ids[a:b], None, self.sq8, norms)]
+        return [Chunk(rows.astype(np.float32), self.ids[a:b], None)]
 
     @property
     def invlists(self) -> faiss.InvertedLists | None:
@@ -244,7 +269,19 @@ class HotBlock:
         step = max(1, MAX_SCORES // self.count)
         parts_s, parts_j = [], []
         for lo in range(0, qs.shape[0], step):
-            scores = (qs[lo : lo + step].to(self._dtype) @ self.vectors.T).float()
+            q = qs[lo : lo + step]
+            if self.sq8 is not None:  # q . x = q . base + (q * scale) . codes
+                codes = self.vectors.to(self._dtype)  # 0..255: exact in float16
+                qs_ = q * self._scale
+                # q * scale is ~1e-4: float16 would lose it to subnormals, so each row goes
+                # to the GEMM scaled to a max of 1 and the product is scaled back
+                norm = qs_.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+                scores = ((qs_ / norm).to(self._dtype) @ codes.T).float() * norm
+                scores.add_((q @ self._base)[:, None])
+            else:
+                mat = self.vectors if self.vectors.dtype == self._dtype else self.vectors.to(
+                    self._dtype)
+                scores = (q.to(self._dtype) @ mat.T).float()
             if self.sq_norms is not None:
                 scores.mul_(2.0).sub_(self.sq_norms)
             # rows of lists this query does not probe drop out of its top-k
@@ -263,9 +300,10 @@ class HotSource:
 
     tier = Tier.HOT
 
-    def __init__(self, metric: str, device: str) -> None:
+    def __init__(self, metric: str, device: str, codec: Codec = Codec.NONE) -> None:
         self.metric = metric
         self.device = device
+        self.codec = codec
 
     def load(
         self,
@@ -276,13 +314,16 @@ class HotSource:
     ) -> HotBlock:
         """Read the block's live rows and copy them to the device (swapped in by the caller)."""
         vectors, ids, offsets = read_live(nlists, segments, live)
-        return HotBlock(block_id, vectors, ids, offsets, metric=self.metric, device=self.device)
+        return HotBlock(block_id, vectors, ids, offsets, metric=self.metric, device=self.device,
+                        codec=self.codec)
 
 
-def hot_source(metric: str, *, allow_cpu: bool = False, device: str = "cuda") -> HotSource | None:
+def hot_source(
+    metric: str, *, allow_cpu: bool = False, device: str = "cuda", codec: Codec = Codec.NONE
+) -> HotSource | None:
     """The hot tier of this machine: on CUDA; on the CPU only if ``allow_cpu`` (tests)."""
     if device.startswith("cuda") and cuda_available():
-        return HotSource(metric, device)
+        return HotSource(metric, device, codec)
     if allow_cpu:
         try:
             _torch()
@@ -290,5 +331,5 @@ def hot_source(metric: str, *, allow_cpu: bool = False, device: str = "cuda") ->
             from services.retrieval_worker.errors import FailedPrecondition
 
             raise FailedPrecondition("a CPU hot tier was asked for but torch is missing") from exc
-        return HotSource(metric, "cpu")
+        return HotSource(metric, "cpu", codec)
     return None

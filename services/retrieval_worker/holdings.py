@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from services.retrieval_worker.blocks import BlockSource, Tier
+from services.retrieval_worker.blocks import BlockSource, Codec, Tier
 from services.retrieval_worker.collection import Collection, DefaultTier
 from services.retrieval_worker.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.retrieval_worker.manifest import MANIFEST_NAME, CollectionSpec, load_manifest
@@ -73,8 +73,10 @@ class Holdings:
         *,
         default_tier: DefaultTier = Tier.WARM,
         sources_for: SourcesFor | None = None,
+        warm_codec: Codec = Codec.NONE,
     ) -> None:
         self.root = root
+        self._warm_codec = warm_codec
         self._flush_rows = flush_rows
         self._default_tier = default_tier
         self._sources_for = sources_for or (lambda spec: {})
@@ -90,7 +92,8 @@ class Holdings:
                 spec = load_manifest(d).spec
                 col = Collection.open(d, flush_rows=self._flush_rows,
                                       default_tier=self._default_tier,
-                                      sources=self._sources_for(spec))
+                                      sources=self._sources_for(spec),
+                                      warm_codec=self._warm_codec)
                 held = self.held[col.spec.name] = Held(col)
                 opened.append(held)
                 log.info("opened collection %s (%d vectors, applied through seq %d)",
@@ -125,7 +128,8 @@ class Holdings:
             shutil.rmtree(root)  # a create that crashed before its manifest: nothing committed
         col = Collection.create(root, spec, flush_rows=self._flush_rows,
                                 default_tier=self._default_tier,
-                                sources=self._sources_for(spec))
+                                sources=self._sources_for(spec),
+                                warm_codec=self._warm_codec)
         if decl.start_seq:
             # History before the declaration belongs to a dropped namesake: start after it.
             col.flush(seq=decl.start_seq)

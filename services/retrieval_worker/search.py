@@ -15,8 +15,16 @@ same centroids and ``nprobe`` (up to ties and float rounding):
   later lists only emit candidates above it and the per-query merge stays small.
 - **faiss** (small batches, where each list serves few queries and a matrix product per list
   would be a matrix-vector product plus Python overhead): FAISS ``search_preassigned`` on an
-  IVF index whose inverted lists are the warm blocks themselves (no copy). Lists of blocks
-  FAISS cannot read (cold, memory-mapped) are scanned by the grouped scanner and merged.
+  IVF index whose inverted lists are the warm blocks themselves (no copy); warm SQ8 blocks
+  through a second one (``QT_8bit_direct``, one query row per pair scaled by the block's
+  ranges; inner product only). Lists of blocks FAISS cannot read (cold, memory-mapped) are
+  scanned by the grouped scanner and merged.
+
+Warm blocks may be held as float16 or SQ8 codes (blocks.py, the worker's
+``INFERMESH_WARM_CODEC``): float16 is scored exactly as stored (FAISS ``QT_fp16``, or numpy
+after an upcast), SQ8 as ``q . base + (q * scale) . codes`` without decoding (tiers.SQ8).
+Their scores are those of the compressed vectors: ranks may differ from float32 where two
+candidates are closer than the compression error.
 
 Hot blocks (GPU, services/retrieval_worker/gpu_tier.py) are scanned by themselves in both
 paths: the (query, list) pairs whose block scans itself go to the device in one call (each
@@ -61,6 +69,19 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ivf-scan")
         return _pools[threads]
+
+
+_empty_lock = threading.Lock()
+_empty: dict[tuple[int, int], faiss.InvertedLists] = {}
+
+
+def _empty_lists(nlists: int, code_size: int) -> faiss.InvertedLists:
+    """Shared empty FAISS lists: the stand-in of a block FAISS does not read (never written)."""
+    with _empty_lock:
+        key = (nlists, code_size)
+        if key not in _empty:
+            _empty[key] = faiss.ArrayInvertedLists(nlists, code_size)
+        return _empty[key]
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -151,7 +172,6 @@ class Searcher:
         metric: Metric,
         nlist: int,
         lists_per_block: int,
-        fp16: bool,
         quantizer: faiss.IndexFlat,
         blocks: Mapping[int, BlockView],
         crossover: float = DEFAULT_CROSSOVER,
@@ -166,36 +186,57 @@ class Searcher:
         self.blocks = dict(blocks)
         self.crossover = crossover
         nblocks = -(-nlist // lists_per_block)
-        # per list: is its block present, and can FAISS read it (RAM-resident)
-        self._present = np.zeros(nlist, dtype=bool)
-        self._faiss_readable = np.zeros(nlist, dtype=bool)
-        self._hot = np.zeros(nlist, dtype=bool)  # lists whose block scans itself (GPU)
+        # A searcher is rebuilt on every tier move, so this runs for each move: per block only
+        # attribute reads (a runtime-checkable Protocol isinstance per block was 2/3 of a
+        # 50-100 ms move over 1024 blocks).
+        ids = np.fromiter(self.blocks, dtype=np.int64, count=len(self.blocks))
+        il_of: dict[int, faiss.InvertedLists] = {}
+        for b, v in self.blocks.items():
+            il = v.invlists
+            if il is not None:
+                il_of[b] = il
+        readable = np.array([b in il_of for b in ids.tolist()], dtype=bool)
+        selfscan = np.array([getattr(v, "scan_blocks", None) is not None
+                             for v in self.blocks.values()], dtype=bool)
+        # FAISS scans one code format per index: float32 (IndexIVFFlat) or float16 (QT_fp16)
+        code_size = 0
+        for b in ids[readable].tolist():
+            code_size = int(il_of[b].code_size)
+            break
+        if code_size not in (0, 4 * dim, 2 * dim):
+            raise ValueError(f"no FAISS index reads codes of {code_size} bytes (dim {dim})")
+        for b in ids[readable].tolist():
+            if int(il_of[b].code_size) != code_size:
+                readable[ids == b] = False  # another format: scanned by numpy instead
+        per_block = np.zeros(nblocks, dtype=np.int8)  # 1 present, 2 FAISS-readable, 4 scans itself
+        per_block[ids] = 1 | np.where(readable, 2, 0) | np.where(selfscan, 4, 0)
+        per_list = np.repeat(per_block, lists_per_block)[:nlist]
+        # per list: is its block present, can FAISS read it (RAM-resident), does it scan itself
+        self._present = (per_list & 1) > 0
+        self._faiss_readable = (per_list & 2) > 0
+        self._hot = (per_list & 4) > 0  # lists whose block scans itself (GPU)
         self._centroid_array: np.ndarray | None = None
         self._device_cache: dict[str, Any] = {}  # device copy of the centroids (hot tier)
-        for b, view in self.blocks.items():
-            lo, hi = b * lists_per_block, min((b + 1) * lists_per_block, nlist)
-            self._present[lo:hi] = True
-            self._faiss_readable[lo:hi] = view.invlists is not None
-            self._hot[lo:hi] = isinstance(view, ScansItself)
         self._index: faiss.IndexIVF | None = None
         if self._faiss_readable.any():
-            code_size = dim * (2 if fp16 else 4)
-            self._keep: list[faiss.InvertedLists] = []
+            keep: list[faiss.InvertedLists] = []
             vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss stubs
+            ok = set(ids[readable].tolist())
             for b in range(nblocks):
-                nl = min((b + 1) * lists_per_block, nlist) - b * lists_per_block
-                found = self.blocks.get(b)
-                il = found.invlists if found is not None else None
-                if il is None:
-                    il = faiss.ArrayInvertedLists(nl, code_size)  # empty stand-in
-                self._keep.append(il)
+                if b in ok:
+                    il = il_of[b]
+                else:
+                    nl = min((b + 1) * lists_per_block, nlist) - b * lists_per_block
+                    il = _empty_lists(nl, code_size)
+                keep.append(il)
                 vec.push_back(il)
+            self._keep = keep
             self._stack = faiss.VStackInvertedLists(  # type: ignore[attr-defined]  # not in stubs
                 vec.size(), vec.data()
             )
             fm = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
             index: faiss.IndexIVF
-            if fp16:
+            if code_size == 2 * dim:
                 index = faiss.IndexIVFScalarQuantizer(
                     quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, fm, False
                 )
@@ -208,6 +249,56 @@ class Searcher:
             index.is_trained = True
             index.ntotal = int(sum(v.count for v in self.blocks.values()))
             self._index = index
+        self._sq8_index: faiss.IndexIVF | None = None
+        self._sq8_lists = np.zeros(nlist, dtype=bool)
+        if metric == "ip":
+            self._build_sq8_index(nblocks)
+
+    def _build_sq8_index(self, nblocks: int) -> None:
+        """A FAISS index over the warm SQ8 blocks' codes, scored with per-block scaled queries.
+
+        FAISS has no per-list SQ ranges, but ``q . decoded = q . base + (q * scale) . codes``:
+        with ``QT_8bit_direct`` (a code reads as its number) and one query row per (query,
+        list) pair, scaled by that list's block, one FAISS call scores every SQ8 pair. Inner
+        product only: l2 would need each row's norm inside FAISS's top-k (numpy scans those).
+        """
+        sq8: dict[int, Any] = {}
+        for b, v in self.blocks.items():
+            il = getattr(v, "sq8_invlists", None)
+            if il is not None:
+                sq8[b] = v
+        if not sq8:
+            return
+        dim, lpb = self.dim, self.lists_per_block
+        self._sq8_scale = np.zeros((nblocks, dim), dtype=np.float32)
+        self._sq8_base = np.zeros((nblocks, dim), dtype=np.float32)
+        keep: list[faiss.InvertedLists] = []
+        vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss stubs
+        for b in range(nblocks):
+            nl = min((b + 1) * lpb, self.nlist) - b * lpb
+            view = sq8.get(b)
+            if view is None:
+                il = _empty_lists(nl, dim)
+            else:
+                il = view.sq8_invlists
+                self._sq8_scale[b] = view.sq8.scale
+                self._sq8_base[b] = view.sq8.base
+                self._sq8_lists[b * lpb : b * lpb + nl] = True
+            keep.append(il)
+            vec.push_back(il)
+        self._sq8_keep = keep
+        self._sq8_stack = faiss.VStackInvertedLists(  # type: ignore[attr-defined]  # not in stubs
+            vec.size(), vec.data()
+        )
+        index = faiss.IndexIVFScalarQuantizer(
+            self.quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_8bit_direct,
+            faiss.METRIC_INNER_PRODUCT, False,
+        )
+        index.replace_invlists(self._sq8_stack, False)
+        index.parallel_mode = 3
+        index.is_trained = True
+        index.ntotal = int(sum(v.count for v in sq8.values()))
+        self._sq8_index = index
 
     # -- public ------------------------------------------------------------------------
 
@@ -257,7 +348,7 @@ class Searcher:
         else:
             per_list = probed.size / np.unique(probed).size
             use_faiss = path == "faiss" or (path == "auto" and per_list < self.crossover)
-            if use_faiss and self._index is not None:
+            if use_faiss and (self._index is not None or self._sq8_index is not None):
                 s, i = self._search_faiss(q, k, int(nprobe), assign, reads)
             else:
                 s, i = self._search_grouped(q, k, assign, reads)
@@ -269,10 +360,13 @@ class Searcher:
         """A hot block whose device can rank the centroids (when a GPU holds hot blocks)."""
         if not self._hot.any():
             return None
-        for view in self.blocks.values():
-            if isinstance(view, ScansItself) and hasattr(view, "assign"):
-                return view
-        return None
+        if "assigner" not in self._device_cache:  # once per snapshot
+            self._device_cache["assigner"] = next(
+                (v for v in self.blocks.values()
+                 if getattr(v, "scan_blocks", None) is not None and hasattr(v, "assign")),
+                None,
+            )
+        return self._device_cache["assigner"]
 
     def _centroids(self) -> np.ndarray:
         """The coarse centroids as an array (read from the quantizer once per snapshot)."""
@@ -301,8 +395,7 @@ class Searcher:
             mask[inv, lists[sel] - b * self.lists_per_block] = True
             jobs.append((self.blocks[b], rows, mask))
             reads[(b, Tier.HOT)] = reads.get((b, Tier.HOT), 0) + int(sel.sum())
-        first = jobs[0][0]
-        assert isinstance(first, ScansItself)
+        first: ScansItself = jobs[0][0]  # type: ignore[assignment]  # _hot: it scans itself
         return first.scan_blocks(q, jobs, k)  # all hot blocks live on the one device
 
     # -- paths -------------------------------------------------------------------------
@@ -330,6 +423,19 @@ class Searcher:
         out = []
         for chunk in view.chunks(lst - b * self.lists_per_block):
             x = chunk.vectors
+            if chunk.sq8 is not None:  # SQ8 codes: scored without decoding
+                sims = chunk.sq8.scores(qs, x)
+                if self.metric == "l2":
+                    norms = chunk.sq_norms
+                    if norms is None:
+                        d = chunk.sq8.decode(x)
+                        norms = np.einsum("ij,ij->i", d, d)
+                    sims *= 2.0
+                    sims -= norms[None, :]
+                if chunk.live is not None:
+                    sims[:, ~chunk.live] = -np.inf
+                out.append((sims, np.asarray(chunk.ids)))
+                continue
             if x.dtype != np.float32:
                 x = x.astype(np.float32)  # float16 storage: upcast this run only
             sims = qs @ x.T
@@ -450,9 +556,45 @@ class Searcher:
         assign: np.ndarray,
         reads: dict[tuple[int, Tier], int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert self._index is not None
         n = q.shape[0]
         readable = (assign >= 0) & self._faiss_readable[np.maximum(assign, 0)]
+        if self._index is not None and readable.any():
+            sims, labels = self._faiss_float(q, k, nprobe, readable, assign, reads)
+        else:
+            sims = np.full((n, k), -np.inf, dtype=np.float32)
+            labels = np.full((n, k), -1, dtype=np.int64)
+        other = (assign >= 0) & ~readable
+        if not other.any():
+            return sims, labels
+        cands = _Candidates()
+        ok = labels >= 0
+        rows = np.broadcast_to(np.arange(n)[:, None], labels.shape)
+        cands.add(rows[ok], sims[ok], labels[ok])
+        if self._sq8_index is not None:
+            sq8 = other & self._sq8_lists[np.maximum(assign, 0)]
+            if sq8.any():
+                self._faiss_sq8(q, k, assign, sq8, cands, reads)
+                other &= ~sq8
+        if not other.any():
+            return cands.topk(n, k)
+        # lists FAISS cannot read: scan them here, above FAISS's k-th best as threshold
+        thresh = sims[:, -1].copy()
+        qq, cc = np.nonzero(other)
+        self._scan_pairs(q, qq, assign[qq, cc], thresh, cands, reads)
+        return cands.topk(n, k)
+
+    def _faiss_float(
+        self,
+        q: np.ndarray,
+        k: int,
+        nprobe: int,
+        readable: np.ndarray,
+        assign: np.ndarray,
+        reads: dict[tuple[int, Tier], int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS over the float32/float16 warm lists of each query: (n, k) sims and ids."""
+        assert self._index is not None
+        n = q.shape[0]
         fa = np.ascontiguousarray(np.where(readable, assign, -1), dtype=np.int64)
         dist = np.empty((n, k), dtype=np.float32)
         labels = np.empty((n, k), dtype=np.int64)
@@ -472,16 +614,37 @@ class Searcher:
             sims = np.einsum("ij,ij->i", q, q)[:, None] - dist
         else:
             sims = dist
-        sims = np.where(labels >= 0, sims, -np.inf).astype(np.float32)
-        other = (assign >= 0) & ~readable
-        if not other.any():
-            return sims, labels
-        # lists FAISS cannot read: scan them here, above FAISS's k-th best as threshold
-        cands = _Candidates()
+        return np.where(labels >= 0, sims, -np.inf).astype(np.float32), labels
+
+    def _faiss_sq8(
+        self,
+        q: np.ndarray,
+        k: int,
+        assign: np.ndarray,
+        pairs: np.ndarray,
+        cands: _Candidates,
+        reads: dict[tuple[int, Tier], int],
+    ) -> None:
+        """Score the (query, list) ``pairs`` of SQ8 blocks with one FAISS call (see above)."""
+        assert self._sq8_index is not None
+        qq, cc = np.nonzero(pairs)
+        lists = np.ascontiguousarray(assign[qq, cc], dtype=np.int64)
+        blocks = lists // self.lists_per_block
+        m = qq.size
+        scaled = np.ascontiguousarray(q[qq] * self._sq8_scale[blocks], dtype=np.float32)
+        offset = np.einsum("ij,ij->i", q[qq], self._sq8_base[blocks])
+        dist = np.empty((m, k), dtype=np.float32)
+        labels = np.empty((m, k), dtype=np.int64)
+        coarse = np.zeros((m, 1), dtype=np.float32)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = 1
+        self._sq8_index.search_preassigned_c(  # type: ignore[attr-defined]  # not in stubs
+            m, faiss.swig_ptr(scaled), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+            faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, params,
+        )
         ok = labels >= 0
-        rows = np.broadcast_to(np.arange(n)[:, None], labels.shape)
-        cands.add(rows[ok], sims[ok], labels[ok])
-        thresh = sims[:, -1].copy()
-        qq, cc = np.nonzero(other)
-        self._scan_pairs(q, qq, assign[qq, cc], thresh, cands, reads)
-        return cands.topk(n, k)
+        rows = np.broadcast_to(qq[:, None], labels.shape)
+        cands.add(rows[ok], (dist + offset[:, None].astype(np.float32))[ok], labels[ok])
+        ub, counts = np.unique(blocks, return_counts=True)
+        for b, c in zip(ub.tolist(), counts.tolist(), strict=True):
+            reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + c

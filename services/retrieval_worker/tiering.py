@@ -176,10 +176,13 @@ class TierAgent:
                     reads_by_tier[tier] = reads_by_tier.get(tier, 0) + n
             for block, n in sizes.items():
                 bytes_by_tier[tiers[block]] += n
+            # what each block would take in each fast tier (a tier may hold it compressed)
+            bytes_in = {t.value: col.bytes_in(t) for t in (Tier.HOT, Tier.WARM)
+                        if t in col.tier_codecs()}
             out.append(BlockAccess(
                 worker=self.instance, collection=name, reads=reads, block_bytes=sizes,
                 tiers=tiers, hot_budget=self.hot_budget, warm_budget=self.warm_budget,
-                period_s=period, at_unix=now,
+                period_s=period, at_unix=now, bytes_in=bytes_in,
             ))
         for tier, n in bytes_by_tier.items():
             metrics.TIER_BYTES.labels(self.instance, tier).set(n)
@@ -208,9 +211,8 @@ class TierAgent:
                 if name == collection and b == block:
                     if t is tier:
                         return  # already there: it takes nothing more
-                    # its size where it is now: a cold block's files are its rows plus the
-                    # .npy headers, so this errs on the safe side
-                    size = sizes[b]
+                    # its size in the tier it goes to (which may hold it compressed)
+                    size = col.bytes_in(tier).get(b, sizes[b])
                 elif t is tier:
                     used += sizes[b]
         if used + size > budget:
