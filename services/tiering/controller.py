@@ -62,7 +62,10 @@ class TieringController:
     def __init__(self, bus: Bus, config: TieringConfig) -> None:
         self.bus = bus
         self.cfg = config
-        self.freq = Frequencies(half_life_s=config.half_life_s)
+        self.freq = Frequencies(
+            half_life_s=config.half_life_s, fast_half_life_s=config.fast_half_life_s,
+            change_z=config.change_z, gap_reads=config.gap_reads,
+        )
         self.budgets: dict[str, Budget] = {}
         self.gpu: dict[str, bool] = {}
         self.last_report: dict[str, float] = {}
@@ -86,22 +89,23 @@ class TieringController:
             if not entry.value:
                 continue
             placed: BlockPlaced = block_placed_decoder.decode(entry.value)
-            self.freq.stats[(placed.worker, placed.collection, placed.block)] = BlockStat(
+            stat = self.freq.stats[(placed.worker, placed.collection, placed.block)] = BlockStat(
                 placed.worker,
                 placed.collection,
                 placed.block,
                 nbytes=0,
                 tier=placed.tier,
-                frequency=placed.frequency,
                 updated=now,
             )
+            self.freq.seed(stat, placed.frequency)
             self.revision = max(self.revision, placed.revision)
         log.info("recovered placement of %d blocks from KV", len(keys))
 
     async def on_access(self, event: BlockAccess) -> None:
         now = time.time()
         self.freq.observe(
-            event.worker, event.collection, event.reads, event.block_bytes, event.tiers, now
+            event.worker, event.collection, event.reads, event.block_bytes, event.tiers, now,
+            tier_sizes=event.bytes_in, period_s=event.period_s,
         )
         self.budgets[event.worker] = Budget(hot=event.hot_budget, warm=event.warm_budget)
         self.gpu[event.worker] = event.hot_budget > 0
@@ -143,7 +147,7 @@ class TieringController:
         stats = [s for s in self.freq.stats.values() if s.worker in self.last_report]
         for s in stats:
             self.freq.decay_to(s, now)
-        target = plan(stats, self.budgets, self.cfg.hysteresis)
+        target = plan(stats, self.budgets, self.cfg.hysteresis, self.cfg.margin_reads)
         todo = [(k, t) for k, t in moves(stats, target) if k not in self.pending]
         todo = todo[: self.cfg.max_moves_per_round]
         if todo:
@@ -162,7 +166,7 @@ class TieringController:
                                 block=block,
                                 worker=worker,
                                 tier=tier,
-                                frequency=stat.frequency,
+                                frequency=self.freq.steady_count(stat),
                                 revision=self.revision,
                             )
                         ),
