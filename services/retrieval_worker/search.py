@@ -48,6 +48,7 @@ import numpy as np
 
 from services.retrieval_worker.blocks import BlockView, Tier
 from services.retrieval_worker.errors import InvalidArgument
+from services.retrieval_worker.faiss_lists import FloatLists, SQ8Lists
 from shared.topk import merge_topk
 
 __all__ = ["DEFAULT_CROSSOVER", "Searcher", "check_queries", "merge_topk"]
@@ -69,19 +70,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="ivf-scan")
         return _pools[threads]
-
-
-_empty_lock = threading.Lock()
-_empty: dict[tuple[int, int], faiss.InvertedLists] = {}
-
-
-def _empty_lists(nlists: int, code_size: int) -> faiss.InvertedLists:
-    """Shared empty FAISS lists: the stand-in of a block FAISS does not read (never written)."""
-    with _empty_lock:
-        key = (nlists, code_size)
-        if key not in _empty:
-            _empty[key] = faiss.ArrayInvertedLists(nlists, code_size)
-        return _empty[key]
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -189,116 +177,26 @@ class Searcher:
         # A searcher is rebuilt on every tier move, so this runs for each move: per block only
         # attribute reads (a runtime-checkable Protocol isinstance per block was 2/3 of a
         # 50-100 ms move over 1024 blocks).
-        ids = np.fromiter(self.blocks, dtype=np.int64, count=len(self.blocks))
-        il_of: dict[int, faiss.InvertedLists] = {}
+        self._float = FloatLists(self.blocks, dim=dim, metric=metric, nlist=nlist,
+                                 lists_per_block=lists_per_block, quantizer=quantizer)
+        self._sq8: SQ8Lists | None = None
+        if metric == "ip":
+            self._sq8 = SQ8Lists(self.blocks, dim=dim, nlist=nlist,
+                                 lists_per_block=lists_per_block, quantizer=quantizer)
+        # per block: 1 present, 2 FAISS reads it as floats, 4 scans itself, 8 FAISS SQ8
+        flags = np.zeros(nblocks, dtype=np.int8)
         for b, v in self.blocks.items():
-            il = v.invlists
-            if il is not None:
-                il_of[b] = il
-        readable = np.array([b in il_of for b in ids.tolist()], dtype=bool)
-        selfscan = np.array([getattr(v, "scan_blocks", None) is not None
-                             for v in self.blocks.values()], dtype=bool)
-        # FAISS scans one code format per index: float32 (IndexIVFFlat) or float16 (QT_fp16)
-        code_size = 0
-        for b in ids[readable].tolist():
-            code_size = int(il_of[b].code_size)
-            break
-        if code_size not in (0, 4 * dim, 2 * dim):
-            raise ValueError(f"no FAISS index reads codes of {code_size} bytes (dim {dim})")
-        for b in ids[readable].tolist():
-            if int(il_of[b].code_size) != code_size:
-                readable[ids == b] = False  # another format: scanned by numpy instead
-        per_block = np.zeros(nblocks, dtype=np.int8)  # 1 present, 2 FAISS-readable, 4 scans itself
-        per_block[ids] = 1 | np.where(readable, 2, 0) | np.where(selfscan, 4, 0)
-        per_list = np.repeat(per_block, lists_per_block)[:nlist]
-        # per list: is its block present, can FAISS read it (RAM-resident), does it scan itself
+            flags[b] = 1 | (4 if getattr(v, "scan_blocks", None) is not None else 0)
+        flags[list(self._float.blocks)] |= 2
+        if self._sq8 is not None:
+            flags[list(self._sq8.blocks)] |= 8
+        per_list = np.repeat(flags, lists_per_block)[:nlist]
         self._present = (per_list & 1) > 0
         self._faiss_readable = (per_list & 2) > 0
         self._hot = (per_list & 4) > 0  # lists whose block scans itself (GPU)
+        self._sq8_lists = (per_list & 8) > 0
         self._centroid_array: np.ndarray | None = None
         self._device_cache: dict[str, Any] = {}  # device copy of the centroids (hot tier)
-        self._index: faiss.IndexIVF | None = None
-        if self._faiss_readable.any():
-            keep: list[faiss.InvertedLists] = []
-            vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss stubs
-            ok = set(ids[readable].tolist())
-            for b in range(nblocks):
-                if b in ok:
-                    il = il_of[b]
-                else:
-                    nl = min((b + 1) * lists_per_block, nlist) - b * lists_per_block
-                    il = _empty_lists(nl, code_size)
-                keep.append(il)
-                vec.push_back(il)
-            self._keep = keep
-            self._stack = faiss.VStackInvertedLists(  # type: ignore[attr-defined]  # not in stubs
-                vec.size(), vec.data()
-            )
-            fm = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-            index: faiss.IndexIVF
-            if code_size == 2 * dim:
-                index = faiss.IndexIVFScalarQuantizer(
-                    quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, fm, False
-                )
-            else:
-                index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
-            index.replace_invlists(self._stack, False)
-            # search_preassigned (unlike search) runs single-threaded in the default mode 0;
-            # mode 3 spreads its queries over the OpenMP threads
-            index.parallel_mode = 3
-            index.is_trained = True
-            index.ntotal = int(sum(v.count for v in self.blocks.values()))
-            self._index = index
-        self._sq8_index: faiss.IndexIVF | None = None
-        self._sq8_lists = np.zeros(nlist, dtype=bool)
-        if metric == "ip":
-            self._build_sq8_index(nblocks)
-
-    def _build_sq8_index(self, nblocks: int) -> None:
-        """A FAISS index over the warm SQ8 blocks' codes, scored with per-block scaled queries.
-
-        FAISS has no per-list SQ ranges, but ``q . decoded = q . base + (q * scale) . codes``:
-        with ``QT_8bit_direct`` (a code reads as its number) and one query row per (query,
-        list) pair, scaled by that list's block, one FAISS call scores every SQ8 pair. Inner
-        product only: l2 would need each row's norm inside FAISS's top-k (numpy scans those).
-        """
-        sq8: dict[int, Any] = {}
-        for b, v in self.blocks.items():
-            il = getattr(v, "sq8_invlists", None)
-            if il is not None:
-                sq8[b] = v
-        if not sq8:
-            return
-        dim, lpb = self.dim, self.lists_per_block
-        self._sq8_scale = np.zeros((nblocks, dim), dtype=np.float32)
-        self._sq8_base = np.zeros((nblocks, dim), dtype=np.float32)
-        keep: list[faiss.InvertedLists] = []
-        vec = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss stubs
-        for b in range(nblocks):
-            nl = min((b + 1) * lpb, self.nlist) - b * lpb
-            view = sq8.get(b)
-            if view is None:
-                il = _empty_lists(nl, dim)
-            else:
-                il = view.sq8_invlists
-                self._sq8_scale[b] = view.sq8.scale
-                self._sq8_base[b] = view.sq8.base
-                self._sq8_lists[b * lpb : b * lpb + nl] = True
-            keep.append(il)
-            vec.push_back(il)
-        self._sq8_keep = keep
-        self._sq8_stack = faiss.VStackInvertedLists(  # type: ignore[attr-defined]  # not in stubs
-            vec.size(), vec.data()
-        )
-        index = faiss.IndexIVFScalarQuantizer(
-            self.quantizer, dim, self.nlist, faiss.ScalarQuantizer.QT_8bit_direct,
-            faiss.METRIC_INNER_PRODUCT, False,
-        )
-        index.replace_invlists(self._sq8_stack, False)
-        index.parallel_mode = 3
-        index.is_trained = True
-        index.ntotal = int(sum(v.count for v in sq8.values()))
-        self._sq8_index = index
 
     # -- public ------------------------------------------------------------------------
 
@@ -348,7 +246,7 @@ class Searcher:
         else:
             per_list = probed.size / np.unique(probed).size
             use_faiss = path == "faiss" or (path == "auto" and per_list < self.crossover)
-            if use_faiss and (self._index is not None or self._sq8_index is not None):
+            if use_faiss and (self._faiss_readable.any() or self._sq8_lists.any()):
                 s, i = self._search_faiss(q, k, int(nprobe), assign, reads)
             else:
                 s, i = self._search_grouped(q, k, assign, reads)
@@ -558,11 +456,15 @@ class Searcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         n = q.shape[0]
         readable = (assign >= 0) & self._faiss_readable[np.maximum(assign, 0)]
-        if self._index is not None and readable.any():
-            sims, labels = self._faiss_float(q, k, nprobe, readable, assign, reads)
-        else:
-            sims = np.full((n, k), -np.inf, dtype=np.float32)
-            labels = np.full((n, k), -1, dtype=np.int64)
+        sims = np.full((n, k), -np.inf, dtype=np.float32)
+        labels = np.full((n, k), -1, dtype=np.int64)
+        if self._float.stack is not None and readable.any():
+            fa = np.where(readable, assign, -1)
+            dist, labels = self._float.stack.search(q, k, fa)
+            self._count(fa[fa >= 0], reads)
+            if self.metric == "l2":
+                dist = np.einsum("ij,ij->i", q, q)[:, None] - dist
+            sims = np.where(labels >= 0, dist, -np.inf).astype(np.float32)
         other = (assign >= 0) & ~readable
         if not other.any():
             return sims, labels
@@ -570,81 +472,23 @@ class Searcher:
         ok = labels >= 0
         rows = np.broadcast_to(np.arange(n)[:, None], labels.shape)
         cands.add(rows[ok], sims[ok], labels[ok])
-        if self._sq8_index is not None:
-            sq8 = other & self._sq8_lists[np.maximum(assign, 0)]
-            if sq8.any():
-                self._faiss_sq8(q, k, assign, sq8, cands, reads)
-                other &= ~sq8
-        if not other.any():
-            return cands.topk(n, k)
+        sq8 = other & self._sq8_lists[np.maximum(assign, 0)]
+        if self._sq8 is not None and sq8.any():
+            qq, cc = np.nonzero(sq8)
+            lists = assign[qq, cc].astype(np.int64)
+            cands.add(*self._sq8.search(q, k, qq, lists))
+            self._count(lists, reads)
+            other &= ~sq8
+            if not other.any():
+                return cands.topk(n, k)
         # lists FAISS cannot read: scan them here, above FAISS's k-th best as threshold
         thresh = sims[:, -1].copy()
         qq, cc = np.nonzero(other)
         self._scan_pairs(q, qq, assign[qq, cc], thresh, cands, reads)
         return cands.topk(n, k)
 
-    def _faiss_float(
-        self,
-        q: np.ndarray,
-        k: int,
-        nprobe: int,
-        readable: np.ndarray,
-        assign: np.ndarray,
-        reads: dict[tuple[int, Tier], int],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS over the float32/float16 warm lists of each query: (n, k) sims and ids."""
-        assert self._index is not None
-        n = q.shape[0]
-        fa = np.ascontiguousarray(np.where(readable, assign, -1), dtype=np.int64)
-        dist = np.empty((n, k), dtype=np.float32)
-        labels = np.empty((n, k), dtype=np.int64)
-        coarse = np.zeros(fa.shape, dtype=np.float32)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        # the _c entry point takes per-call params, so concurrent searches with different
-        # nprobe never race on index.nprobe (the Python wrapper rejects params)
-        self._index.search_preassigned_c(  # type: ignore[attr-defined]  # not in stubs
-            n, faiss.swig_ptr(q), k, faiss.swig_ptr(fa), faiss.swig_ptr(coarse),
-            faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, params,
-        )
-        blocks, counts = np.unique(fa[fa >= 0] // self.lists_per_block, return_counts=True)
+    def _count(self, lists: np.ndarray, reads: dict[tuple[int, Tier], int]) -> None:
+        """Add one warm read per (query, list) pair in ``lists``."""
+        blocks, counts = np.unique(lists // self.lists_per_block, return_counts=True)
         for b, c in zip(blocks.tolist(), counts.tolist(), strict=True):
-            reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + c
-        if self.metric == "l2":
-            sims = np.einsum("ij,ij->i", q, q)[:, None] - dist
-        else:
-            sims = dist
-        return np.where(labels >= 0, sims, -np.inf).astype(np.float32), labels
-
-    def _faiss_sq8(
-        self,
-        q: np.ndarray,
-        k: int,
-        assign: np.ndarray,
-        pairs: np.ndarray,
-        cands: _Candidates,
-        reads: dict[tuple[int, Tier], int],
-    ) -> None:
-        """Score the (query, list) ``pairs`` of SQ8 blocks with one FAISS call (see above)."""
-        assert self._sq8_index is not None
-        qq, cc = np.nonzero(pairs)
-        lists = np.ascontiguousarray(assign[qq, cc], dtype=np.int64)
-        blocks = lists // self.lists_per_block
-        m = qq.size
-        scaled = np.ascontiguousarray(q[qq] * self._sq8_scale[blocks], dtype=np.float32)
-        offset = np.einsum("ij,ij->i", q[qq], self._sq8_base[blocks])
-        dist = np.empty((m, k), dtype=np.float32)
-        labels = np.empty((m, k), dtype=np.int64)
-        coarse = np.zeros((m, 1), dtype=np.float32)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = 1
-        self._sq8_index.search_preassigned_c(  # type: ignore[attr-defined]  # not in stubs
-            m, faiss.swig_ptr(scaled), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
-            faiss.swig_ptr(dist), faiss.swig_ptr(labels), False, params,
-        )
-        ok = labels >= 0
-        rows = np.broadcast_to(qq[:, None], labels.shape)
-        cands.add(rows[ok], (dist + offset[:, None].astype(np.float32))[ok], labels[ok])
-        ub, counts = np.unique(blocks, return_counts=True)
-        for b, c in zip(ub.tolist(), counts.tolist(), strict=True):
             reads[(b, Tier.WARM)] = reads.get((b, Tier.WARM), 0) + c

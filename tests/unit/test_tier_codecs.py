@@ -101,7 +101,7 @@ def test_compressed_warm_blocks_return_the_exact_top_k_of_what_they_hold(
     searcher = col._searcher
     assert searcher is not None
     if codec is Codec.SQ8 and metric == "ip":
-        assert searcher._sq8_index is not None  # FAISS scores SQ8 blocks on its path
+        assert searcher._sq8 is not None and searcher._sq8.stack is not None  # FAISS scores them
     scores = {}
     for path in ("grouped", "faiss"):
         scores[path], got, _ = searcher.search(q, 10, 6, path=path)  # type: ignore[arg-type]
