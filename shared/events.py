@@ -54,6 +54,18 @@ class BatchObserved(Event, frozen=True, kw_only=True, tag="batch_observed"):
     at_unix: float = 0.0
 
 
+class BatchesObserved(Event, frozen=True, kw_only=True, tag="batches_observed"):
+    """Several executed batches of one target from one worker, in one message.
+
+    Workers send at most one message per target every ~50 ms: a message per batch cost the
+    worker and the batcher 6-10 % of their data-path CPU (py-spy, echo model at c=1).
+    """
+
+    target: str
+    worker: str
+    batches: tuple[BatchObserved, ...]
+
+
 class BatchPolicy(Event, frozen=True, kw_only=True, tag="batch_policy"):
     """How a target's queue forms batches; the controller writes it, every batcher applies it."""
 
@@ -82,7 +94,7 @@ class Lease(Event, frozen=True, kw_only=True, tag="lease"):
 
 
 member_decoder = msgspec.msgpack.Decoder(Member)
-batch_observed_decoder = msgspec.msgpack.Decoder(BatchObserved)
+batch_observed_decoder = msgspec.msgpack.Decoder(BatchObserved | BatchesObserved)
 batch_policy_decoder = msgspec.msgpack.Decoder(BatchPolicy)
 lease_decoder = msgspec.msgpack.Decoder(Lease)
 encoder = msgspec.msgpack.Encoder()

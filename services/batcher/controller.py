@@ -37,6 +37,7 @@ from shared.events import (
     BATCH_OBSERVED,
     LEASES_BUCKET,
     POLICY_BUCKET,
+    BatchesObserved,
     BatchObserved,
     BatchPolicy,
     Lease,
@@ -161,9 +162,14 @@ class BatchController:
         self._delivered: dict[str, dict[int, tuple[float, float]]] = {}
         self._capacity_memory = capacity_memory_s
 
-    async def observe(self, event: BatchObserved) -> None:
-        """Add one worker observation to the target's windows (the subscription callback)."""
-        self.add(event)
+    async def observe(self, event: BatchObserved | BatchesObserved) -> None:
+        """Add worker observations to the target's windows (the subscription callback)."""
+        match event:
+            case BatchesObserved(batches=batches):
+                for one in batches:
+                    self.add(one)
+            case BatchObserved():
+                self.add(event)
 
     def add(self, event: BatchObserved) -> None:
         """Add one worker observation to the target's windows."""

@@ -15,7 +15,7 @@ from services.inference_worker.backends import Backend, Item
 from services.inference_worker.repository import ModelConfig
 from shared import streams
 from shared.errors import DeadlineExceeded, InfermeshError, NotFound, message_of, status_of
-from shared.events import BATCH_OBSERVED, BatchObserved, Event
+from shared.events import BATCH_OBSERVED, BatchesObserved, BatchObserved, Event
 from shared.pb.infermesh.v1 import common_pb2, inference_worker_pb2, inference_worker_pb2_grpc
 from shared.status_codes import code_value
 from shared.tensors import from_numpy, to_numpy
@@ -34,6 +34,54 @@ class Model:
         self.backend = backend
 
 
+class Observations:
+    """The worker's batch observations for the controller, a message per target per interval.
+
+    The first batch of a target starts an interval (``interval_s``); what the target ran until
+    it ends goes out as one BatchesObserved (a lone batch as its BatchObserved), or sooner
+    once ``max_batches`` are waiting. Publishing is fire and forget: the control path must
+    never slow or fail the data path.
+    """
+
+    def __init__(
+        self,
+        publish: Callable[[str, Event], Awaitable[None]],
+        worker: str,
+        interval_s: float = 0.05,
+        max_batches: int = 64,
+    ) -> None:
+        self._publish = publish
+        self._worker = worker
+        self._interval = interval_s
+        self._max = max_batches
+        self._waiting: dict[str, list[BatchObserved]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, event: BatchObserved) -> None:
+        waiting = self._waiting.setdefault(event.target, [])
+        waiting.append(event)
+        if len(waiting) >= self._max:
+            self.flush(event.target)
+        elif len(waiting) == 1:
+            asyncio.get_running_loop().call_later(self._interval, self.flush, event.target)
+
+    def flush(self, target: str) -> None:
+        """Send what target has waiting (nothing when a full batch already went)."""
+        waiting = self._waiting.pop(target, None)
+        if not waiting:
+            return
+        event: Event = (
+            waiting[0]
+            if len(waiting) == 1
+            else BatchesObserved(target=target, worker=self._worker, batches=tuple(waiting))
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._publish(f"{BATCH_OBSERVED}.{target}", event)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer):
     """Executes batches formed by the batcher."""
 
@@ -46,7 +94,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
     ) -> None:
         self.models = models
         self.worker = worker
-        self._publish = publish
+        self._observations = Observations(publish, worker)
         self._draining = draining
         self.outstanding = 0
 
@@ -150,16 +198,16 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         )
 
     def _observe(self, target: str, size: int, queue_ms: float, exec_ms: float) -> None:
-        event = BatchObserved(
-            target=target,
-            size=size,
-            queue_ms=queue_ms,
-            exec_ms=exec_ms,
-            worker=self.worker,
-            at_unix=time.time(),
+        self._observations.add(
+            BatchObserved(
+                target=target,
+                size=size,
+                queue_ms=queue_ms,
+                exec_ms=exec_ms,
+                worker=self.worker,
+                at_unix=time.time(),
+            )
         )
-        # Fire and forget: the control path must never slow or fail the data path.
-        asyncio.get_running_loop().create_task(self._publish(f"{BATCH_OBSERVED}.{target}", event))
 
     async def ListModels(
         self, request: inference_worker_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
