@@ -161,6 +161,7 @@ class BatchController:
         # floor too high only costs latency in bursts) and replaced when that cap overloads.
         self._delivered: dict[str, dict[int, tuple[float, float]]] = {}
         self._capacity_memory = capacity_memory_s
+        self._rates: dict[str, deque[tuple[float, float]]] = {}
 
     async def observe(self, event: BatchObserved | BatchesObserved) -> None:
         """Add worker observations to the target's windows (the subscription callback)."""
@@ -261,7 +262,7 @@ class BatchController:
                 limits,
                 self._correction.get(target, 1.0),
                 self._tuning,
-                floor=self.floor(target, self.rate(target), line, spec.max_batch_size),
+                floor=self.floor(target, self.load(target), line, spec.max_batch_size),
             )
             if decision is not None:
                 self._correction[target] = decision.correction
@@ -306,6 +307,20 @@ class BatchController:
         since = max(now - self._window, history[0].at)
         items = sum(o.size for o in history if o.at >= since)
         return items / max(now - since, self._interval)
+
+    def load(self, target: str) -> float:
+        """The highest rate() seen at the decisions of the fit's horizon (6·window_s).
+
+        What the floor must carry. A dip in completions (a stall on a busy machine, or the
+        mesh over capacity, where completions are what it can do, not what arrives) must not
+        lower it: the cap would shrink just before the load comes back.
+        """
+        now = self._clock()
+        rates = self._rates.setdefault(target, deque())
+        rates.append((now, self.rate(target)))
+        while rates[0][0] < now - 6 * self._window:
+            rates.popleft()
+        return max(r for _, r in rates)
 
     def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
         """The smallest cap that carries rate items/s, from the caps seen overloaded."""

@@ -270,6 +270,6 @@ def test_what_an_overloaded_cap_delivered_still_bounds_the_cap_ten_minutes_later
     for _ in range(600):  # ten minutes at 700/s in batches of 8, no backlog
         second_of(8, 700, 1.0)
     line = law.Fit(a=2.8, b=0.3, resid_p99=0.0)
-    assert controller.rate("m") > 650
+    assert controller.load("m") > 650
     # Never back to the cap that could not carry 600/s.
-    assert controller.floor("m", controller.rate("m"), line, 64) > 2
+    assert controller.floor("m", controller.load("m"), line, 64) > 2
