@@ -6,10 +6,13 @@ engine already chose. Blocks FAISS does not read get a shared empty stand-in.
 
 - :class:`FloatLists`: float32 blocks (``IndexIVFFlat``) or float16 ones (``QT_fp16``); the
   codes of both are the raw little-endian vectors.
-- :class:`SQ8Lists`: SQ8 blocks. FAISS has no per-list ranges, but ``q . decoded = q . base
-  + (q * scale) . codes``: with ``QT_8bit_direct`` (a code reads as its number) and one query
-  row per (query, list) pair, scaled by that list's block, one call scores every pair. Inner
-  product only: l2 would need each row's norm inside FAISS's top-k (numpy scans those).
+- :class:`SQ8Lists`: SQ8 blocks. FAISS has no per-list ranges, but ``q . decoded = q . vmin
+  + (q * scale) . (codes + 0.5)``: with ``QT_8bit`` ranges fixed to [0, 255] (a code ``c``
+  reads as ``c + 0.5``) and one query row per (query, list) pair, scaled by that list's
+  block, one call scores every pair. (``QT_8bit_direct`` would read ``c`` itself, but FAISS
+  1.15.1 scores it wrong where the dimension is a multiple of 16: tests/unit/
+  test_tier_codecs.py.) Inner product only: l2 would need each row's norm inside FAISS's
+  top-k (numpy scans those).
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ class FloatLists:
 
 
 class SQ8Lists:
-    """Warm SQ8 blocks under one FAISS ``QT_8bit_direct`` index (inner product only)."""
+    """Warm SQ8 blocks under one FAISS ``QT_8bit`` index of fixed ranges (inner product only)."""
 
     def __init__(
         self,
@@ -158,17 +161,27 @@ class SQ8Lists:
             return
         nblocks = -(-nlist // lists_per_block)
         self.scale = np.zeros((nblocks, dim), dtype=np.float32)
-        self.base = np.zeros((nblocks, dim), dtype=np.float32)
+        self.vmin = np.zeros((nblocks, dim), dtype=np.float32)
         for b, v in views.items():
             self.scale[b] = v.sq8.scale
-            self.base[b] = v.sq8.base
+            self.vmin[b] = v.sq8.vmin
+
+        def make() -> faiss.IndexIVF:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                faiss.METRIC_INNER_PRODUCT, False,
+            )
+            # ranges [0, 255] in every dimension: code c decodes to c + 0.5
+            faiss.copy_array_to_vector(
+                np.concatenate([np.zeros(dim, np.float32), np.full(dim, 255.0, np.float32)]),
+                index.sq.trained,
+            )
+            return index
+
         self.stack = _Stack(
             {b: v.sq8_invlists for b, v in views.items()}, code_size=dim, nlist=nlist,
             lists_per_block=lists_per_block, ntotal=int(sum(v.count for v in views.values())),
-            make=lambda: faiss.IndexIVFScalarQuantizer(
-                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit_direct,
-                faiss.METRIC_INNER_PRODUCT, False,
-            ),
+            make=make,
         )
 
     def search(
@@ -181,7 +194,7 @@ class SQ8Lists:
         assert self.stack is not None
         blocks = lists // self.lists_per_block
         scaled = q[qq] * self.scale[blocks]
-        offset = np.einsum("ij,ij->i", q[qq], self.base[blocks]).astype(np.float32)
+        offset = np.einsum("ij,ij->i", q[qq], self.vmin[blocks]).astype(np.float32)
         dist, labels = self.stack.search(scaled, k, lists[:, None])
         ok = labels >= 0
         rows = np.broadcast_to(qq[:, None], labels.shape)

@@ -109,6 +109,27 @@ def test_compressed_warm_blocks_return_the_exact_top_k_of_what_they_hold(
     np.testing.assert_allclose(scores["faiss"], scores["grouped"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim", [24, 32, 384])
+def test_faiss_scores_sq8_blocks_as_numpy_does_at_any_dimension(tmp_path: Path, dim: int) -> None:
+    # FAISS 1.15.1's QT_8bit_direct scored wrong at dimensions that are multiples of 16
+    rng = np.random.default_rng(dim)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 40, 3000)] + 0.5 * rng.standard_normal((3000, dim)).astype(
+        np.float32)
+    spec = CollectionSpec(name="d", dim=dim, nlist=32, lists_per_block=4)
+    col = Collection.create(tmp_path / "d", spec, warm_codec=Codec.SQ8)
+    col.train(x)
+    col.upsert(np.arange(3000), x, seq=1)
+    col.flush()
+    searcher = col._searcher
+    assert searcher is not None and searcher._sq8 is not None
+    q = x[:40] + 0.05
+    s_np, i_np, _ = searcher.search(q, 10, 3, path="grouped")
+    s_fa, i_fa, _ = searcher.search(q, 10, 3, path="faiss")
+    assert overlap(i_fa, i_np) > 0.99
+    np.testing.assert_allclose(s_fa, s_np, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("codec", [Codec.FLOAT16, Codec.SQ8])
 def test_compressed_warm_blocks_find_nearly_all_of_float32s_top_k(
     tmp_path: Path, codec: Codec
