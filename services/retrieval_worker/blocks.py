@@ -199,8 +199,8 @@ class WarmBlock:
     ``IndexIVFScalarQuantizer`` ``QT_fp16`` are the raw little-endian vectors), so FAISS scans
     them in place and numpy scans view the same memory. SQ8 codes carry ranges of their own
     block, which no FAISS IVF index takes per list: they sit in FAISS lists of their own
-    (``sq8_invlists``, not ``invlists``), which the searcher scans with a ``QT_8bit_direct``
-    index and queries scaled per block, and numpy views them too.
+    (``sq8_invlists``, not ``invlists``), which the searcher scans with a ``QT_8bit`` index of
+    fixed ranges and queries scaled per block (faiss_lists.py), and numpy views them too.
     """
 
     tier = Tier.WARM
@@ -271,8 +271,8 @@ class WarmBlock:
         if metric == "l2":
             decoded = self.sq8.decode(codes)
             norms = np.einsum("ij,ij->i", decoded, decoded).astype(np.float32)
-        # FAISS lists of the raw codes: FAISS's QT_8bit_direct reads a code as the number it
-        # is, so a query scaled by this block's ranges scores them (search.py)
+        # FAISS lists of the raw codes: a QT_8bit index whose ranges are [0, 255] reads code
+        # c as c + 0.5, so a query scaled by this block's ranges scores them (faiss_lists.py)
         self._sq8_il = faiss.ArrayInvertedLists(len(per_list), dim)
         at = 0
         for j, p in enumerate(per_list):
@@ -301,7 +301,7 @@ class WarmBlock:
 
     @property
     def sq8_invlists(self) -> faiss.InvertedLists | None:
-        """SQ8 codes as FAISS lists (``QT_8bit_direct`` layout, ranges in ``sq8``), or None."""
+        """SQ8 codes as FAISS lists (one byte a component, ranges in ``sq8``), or None."""
         return self._sq8_il
 
 

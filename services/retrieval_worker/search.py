@@ -16,8 +16,8 @@ same centroids and ``nprobe`` (up to ties and float rounding):
 - **faiss** (small batches, where each list serves few queries and a matrix product per list
   would be a matrix-vector product plus Python overhead): FAISS ``search_preassigned`` on an
   IVF index whose inverted lists are the warm blocks themselves (no copy); warm SQ8 blocks
-  through a second one (``QT_8bit_direct``, one query row per pair scaled by the block's
-  ranges; inner product only). Lists of blocks FAISS cannot read (cold, memory-mapped) are
+  through a second one (faiss_lists.py: one query row per pair, scaled by the block's ranges;
+  inner product only). Lists of blocks FAISS cannot read (cold, memory-mapped) are
   scanned by the grouped scanner and merged.
 
 Warm blocks may be held as float16 or SQ8 codes (blocks.py, the worker's
