@@ -12,8 +12,10 @@ collection's seed) and the same lists and nprobe for every format, so only the c
   tensors; cold files are the same dtype); ``--engine`` also searches a real float16
   Collection to show the engine gets the same recall;
 - SQ8: ``QT_8bit`` (per-dimension min/max, 1 byte a dimension) on the raw vectors, and on
-  the residuals to the list centroid (``sq8-residual``). The engine has no SQ8 storage yet;
-  these rows say what it would buy.
+  the residuals to the list centroid (``sq8-residual``), one range for the collection;
+- the engine's warm codecs (``--engine``): a float32 Collection whose warm blocks are held
+  as float16 (``INFERMESH_WARM_CODEC=float16``) or SQ8 with ranges per block (``sq8``, FAISS
+  ``QT_8bit`` codes trained on each block's own rows; tiers.SQ8).
 
 Memory is what a tier holds per vector: the code plus the 8-byte id (the engine's
 ``BlockView.nbytes``). "vs float32" is the share of float32 IVF's top-10 that a format finds
@@ -40,6 +42,7 @@ from threadpoolctl import ThreadpoolController
 from bench.loadgen import machine
 from bench.retrieval_engine import recall
 from bench.tiering import mixture
+from services.retrieval_worker.blocks import Codec
 from services.retrieval_worker.collection import Collection
 from services.retrieval_worker.manifest import CollectionSpec
 
@@ -64,7 +67,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
-                    help="also search a float16 Collection (the engine itself)")
+                    help="also search the engine's Collections (float16, warm codecs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/compression.json")
     args = ap.parse_args()
@@ -111,23 +114,28 @@ def main() -> None:
     if args.engine:
         tmp = Path(tempfile.mkdtemp(prefix="bench-compression-"))
         try:
-            col = Collection.create(tmp / "bench", spec, flush_rows=10**9)
-            # the same centroids: the engine trains the same k-means on the same sample,
-            # but handing them over keeps the lists identical whatever the thread count
-            col.train(centroids)
-            for seq, lo in enumerate(range(0, args.n, 100_000), start=1):
-                col.upsert(np.arange(lo, min(lo + 100_000, args.n)), xb[lo : lo + 100_000],
-                           seq=seq)
-            col.flush()
-            nbytes = sum(col.block_bytes().values())
-            row = {"format": "float16 (engine Collection)", "bytes_per_vector": nbytes / args.n,
-                   "mb": nbytes / 1e6}
-            for nprobe in nprobes:
-                ids = col.search(xq, args.k, nprobe)[1]
-                row[f"recall@{args.k} nprobe {nprobe}"] = recall(ids, truth)
-                row[f"vs float32 nprobe {nprobe}"] = recall(ids, found32[nprobe])
-            rows.append(row)
-            col.close()
+            spec32 = CollectionSpec(name="bench32", dim=args.dim, nlist=args.nlist)
+            engines = [("float16 (engine Collection)", spec, Codec.NONE),
+                       ("float16 warm codec (engine)", spec32, Codec.FLOAT16),
+                       ("sq8 warm codec, ranges per block (engine)", spec32, Codec.SQ8)]
+            for name, sp, codec in engines:
+                col = Collection.create(tmp / sp.name / codec.value, sp, flush_rows=10**9,
+                                        warm_codec=codec)
+                # the same centroids: the engine trains the same k-means on the same sample,
+                # but handing them over keeps the lists identical whatever the thread count
+                col.train(centroids)
+                for seq, lo in enumerate(range(0, args.n, 100_000), start=1):
+                    col.upsert(np.arange(lo, min(lo + 100_000, args.n)), xb[lo : lo + 100_000],
+                               seq=seq)
+                col.flush()
+                nbytes = sum(col.block_bytes().values())
+                row = {"format": name, "bytes_per_vector": nbytes / args.n, "mb": nbytes / 1e6}
+                for nprobe in nprobes:
+                    ids = col.search(xq, args.k, nprobe)[1]
+                    row[f"recall@{args.k} nprobe {nprobe}"] = recall(ids, truth)
+                    row[f"vs float32 nprobe {nprobe}"] = recall(ids, found32[nprobe])
+                rows.append(row)
+                col.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]["mb"]
