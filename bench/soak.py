@@ -11,6 +11,7 @@ cores it competes with the mesh) and the machine's load average.
 
     .venv/bin/python bench/soak.py --minutes 10            # echo with a synthetic cost
     .venv/bin/python bench/soak.py --model minilm-l6 --minutes 10
+    .venv/bin/python bench/soak.py --minutes 3 --keep-logs /tmp/soak-logs   # policy changes
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -291,6 +293,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--load", type=float, default=0.7, help="fraction of capacity")
     parser.add_argument("--model", default="echo", help="echo (synthetic cost) or minilm-l6")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        help="copy the services' logs here at the end (the batcher's has every policy change)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="infermesh-soak-") as tmp:
         repo = echo_repository(Path(tmp) / "models") if args.model == "echo" else ROOT / "models"
@@ -304,9 +311,13 @@ def main() -> None:
         mesh = LocalMesh(
             Path(tmp) / "mesh", env=env, replicas={"tiering": 0, "retrieval-worker": 0}
         )
-        with mesh:
-            mesh.start(timeout=120)
-            code = asyncio.run(run(args, mesh))
+        try:
+            with mesh:
+                mesh.start(timeout=120)
+                code = asyncio.run(run(args, mesh))
+        finally:
+            if args.keep_logs is not None:
+                shutil.copytree(mesh.logs, args.keep_logs, dirs_exist_ok=True)
     raise SystemExit(code)
 
 
