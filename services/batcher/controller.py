@@ -161,7 +161,6 @@ class BatchController:
         # floor too high only costs latency in bursts) and replaced when that cap overloads.
         self._delivered: dict[str, dict[int, tuple[float, float]]] = {}
         self._capacity_memory = capacity_memory_s
-        self._rates: dict[str, deque[tuple[float, float]]] = {}
 
     async def observe(self, event: BatchObserved | BatchesObserved) -> None:
         """Add worker observations to the target's windows (the subscription callback)."""
@@ -294,33 +293,21 @@ class BatchController:
             leader=self.instance,
         )
 
-    def rate(self, target: str) -> float:
-        """Items/s the workers completed for target over the last window_s, whatever the policy.
+    def load(self, target: str) -> float:
+        """Items/s the workers completed for target over the fit's horizon (6·window_s).
 
-        The throughput floor needs the load, and a window that restarts at every change is
-        too short for it: one second of completions swings by half on a busy machine.
+        What the throughput floor must carry. Completions are all the controller sees, and
+        over a few seconds they are not the load: they dip in a stall on a busy machine, and
+        a draining backlog completes faster than requests arrive (taken for load, that burst
+        set the floor to the model's limit in a soak). Over half a minute both average out.
         """
         history = self._history.get(target, deque())
         if not history:
             return 0.0
         now = self._clock()
-        since = max(now - self._window, history[0].at)
+        since = max(now - 6 * self._window, history[0].at)
         items = sum(o.size for o in history if o.at >= since)
         return items / max(now - since, self._interval)
-
-    def load(self, target: str) -> float:
-        """The highest rate() seen at the decisions of the fit's horizon (6·window_s).
-
-        What the floor must carry. A dip in completions (a stall on a busy machine, or the
-        mesh over capacity, where completions are what it can do, not what arrives) must not
-        lower it: the cap would shrink just before the load comes back.
-        """
-        now = self._clock()
-        rates = self._rates.setdefault(target, deque())
-        rates.append((now, self.rate(target)))
-        while rates[0][0] < now - 6 * self._window:
-            rates.popleft()
-        return max(r for _, r in rates)
 
     def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
         """The smallest cap that carries rate items/s, from the caps seen overloaded."""

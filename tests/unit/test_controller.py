@@ -273,3 +273,27 @@ def test_what_an_overloaded_cap_delivered_still_bounds_the_cap_ten_minutes_later
     assert controller.load("m") > 650
     # Never back to the cap that could not carry 600/s.
     assert controller.floor("m", controller.load("m"), line, 64) > 2
+
+
+def test_the_load_the_floor_carries_ignores_a_stall_and_a_draining_backlog() -> None:
+    # Completions are not arrivals over a few seconds: a 3-s stall completes nothing, and the
+    # backlog it left then completes at twice the rate. Neither is a change of load.
+    now = [0.0]
+    controller = BatchController(
+        None,  # type: ignore[arg-type]
+        "sim",
+        View(),  # type: ignore[arg-type]
+        View(),  # type: ignore[arg-type]
+        clock=lambda: now[0],
+    )
+
+    def seconds_at(per_s: int, seconds: int) -> None:
+        for _ in range(seconds * per_s // 5):
+            now[0] += 5 / per_s
+            controller.add(BatchObserved(target="m", size=5, queue_ms=1.0, exec_ms=4.0, worker="w"))
+
+    seconds_at(700, 25)
+    now[0] += 3.0  # the stall
+    assert 550 < controller.load("m") < 750
+    seconds_at(1400, 2)  # the backlog draining, at twice the arrival rate
+    assert 600 < controller.load("m") < 800
