@@ -83,11 +83,17 @@ class RPCError(InfermeshError):
         self.status = status
 
     @classmethod
+    def from_hop(cls, message: str, status: grpc.StatusCode, hop: str) -> RPCError:
+        """An error another service answered, its message prefixed with that hop's name."""
+        # A message already prefixed by a deeper hop keeps its origin; only add ours once.
+        if hop and not message.startswith("["):
+            message = f"[{hop}] {message}"
+        return cls(message, status)
+
+    @classmethod
     def from_aio(cls, err: grpc.aio.AioRpcError, hop: str) -> RPCError:
         """Wrap a grpc.aio error once, keeping its code and naming the hop it came from."""
-        details = err.details() or err.code().name
-        # A message already prefixed by a deeper hop keeps its origin; only add ours once.
-        return cls(details if details.startswith("[") else f"[{hop}] {details}", err.code())
+        return cls.from_hop(err.details() or err.code().name, err.code(), hop)
 
 
 # The one table: exception type -> gRPC status. Checked in order; first match wins.

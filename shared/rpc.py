@@ -104,7 +104,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, request.message, ((ORIGIN_KEY, service),)
                 )
-            target = _target_of(request)
+            target = target_of(request)
             try:
                 response = await fn(request, context)
             except grpc.aio.AbortError:
@@ -181,8 +181,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-def _target_of(request: Any) -> str:
-    # Label requests by what they are for, where the message says (model/target/collection).
+def target_of(request: Any) -> str:
+    """The metrics label of a request: what it is for, where the message says it."""
     for field in ("model", "target", "collection", "model_name"):
         value = getattr(request, field, None)
         if isinstance(value, str) and value:

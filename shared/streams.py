@@ -36,8 +36,8 @@ from opentelemetry import propagate, trace
 
 from shared import metrics
 from shared.errors import DeadlineExceeded, InfermeshError, RPCError, status_of
-from shared.rpc import Channels, peer_unreachable
-from shared.status_codes import BY_VALUE
+from shared.rpc import Channels, peer_unreachable, target_of
+from shared.status_codes import name_of
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.streams")
@@ -268,8 +268,8 @@ class PerMessage:
     service: str
     method: str
     """The unary method the messages stand for, e.g. "infermesh.v1.Batcher/Submit"."""
-    target: Callable[[Any], str] = lambda _req: ""
     answer_code: Callable[[Any], int] = lambda _resp: 0
+    """The wire status an answer carries inline (0 = OK)."""
 
 
 async def answer_concurrently(
@@ -302,7 +302,7 @@ async def answer_concurrently(
             try:
                 reply: Any = await handle(req)
                 if per_message is not None:
-                    code = _code_name(per_message.answer_code(reply))
+                    code = name_of(per_message.answer_code(reply))
             except Exception as exc:
                 if not isinstance(exc, InfermeshError):
                     log.exception("stream request failed")
@@ -316,7 +316,7 @@ async def answer_concurrently(
             metrics.observe_request(
                 per_message.service,
                 per_message.method.rsplit("/", 1)[-1],
-                per_message.target(req),
+                target_of(req),
                 code,
                 start,
             )
@@ -369,7 +369,3 @@ def _server_span(per_message: PerMessage | None, request: Any) -> Iterator[trace
     ) as span:
         yield span
 
-
-def _code_name(value: int) -> str:
-    code = BY_VALUE.get(value)
-    return code.name if code is not None else "UNKNOWN"

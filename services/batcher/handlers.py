@@ -12,9 +12,9 @@ import grpc
 from services.batcher.queue import Outcome, TargetQueue
 from services.batcher.tracing import record_queue_wait
 from shared import streams
-from shared.errors import DeadlineExceeded, InvalidArgument, message_of, status_of
+from shared.errors import DeadlineExceeded, InvalidArgument
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
-from shared.status_codes import code_value, error_from
+from shared.status_codes import error_fields, error_from
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def _error_reply(
 ) -> batcher_pb2.SubmitResponse:
     return batcher_pb2.SubmitResponse(
         result=common_pb2.WorkResult(
-            request_id=request.item.request_id,
-            error_code=code_value(status_of(exc)),
-            error_message=message_of(exc),
+            request_id=request.item.request_id, **error_fields(exc)
         ),
         call_id=request.call_id,
     )
@@ -133,6 +131,5 @@ def _error_reply(
 SUBMIT = streams.PerMessage(
     service="batcher",
     method="infermesh.v1.Batcher/Submit",
-    target=lambda req: req.target[:64],
     answer_code=lambda reply: reply.result.error_code,
 )

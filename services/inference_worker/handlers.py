@@ -14,10 +14,10 @@ from opentelemetry import trace
 from services.inference_worker.backends import Backend, Item
 from services.inference_worker.repository import ModelConfig
 from shared import streams
-from shared.errors import DeadlineExceeded, InfermeshError, NotFound, message_of, status_of
+from shared.errors import DeadlineExceeded, InfermeshError, NotFound
 from shared.events import BATCH_OBSERVED, BatchesObserved, BatchObserved, Event
 from shared.pb.infermesh.v1 import common_pb2, inference_worker_pb2, inference_worker_pb2_grpc
-from shared.status_codes import code_value
+from shared.status_codes import error_fields
 from shared.tensors import from_numpy, to_numpy
 from shared.validation import check_inputs
 
@@ -238,7 +238,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
 
 def _failed(request_id: str, exc: BaseException) -> common_pb2.WorkResult:
     return common_pb2.WorkResult(
-        request_id=request_id, error_code=code_value(status_of(exc)), error_message=message_of(exc)
+        request_id=request_id, **error_fields(exc)
     )
 
 
@@ -246,9 +246,7 @@ def _error_reply(
     request: inference_worker_pb2.ExecuteRequest, exc: BaseException
 ) -> inference_worker_pb2.ExecuteResponse:
     return inference_worker_pb2.ExecuteResponse(
-        call_id=request.call_id,
-        error_code=code_value(status_of(exc)),
-        error_message=message_of(exc),
+        call_id=request.call_id, **error_fields(exc)
     )
 
 
@@ -256,6 +254,5 @@ def _error_reply(
 EXECUTE = streams.PerMessage(
     service="inference-worker",
     method="infermesh.v1.InferenceWorker/Execute",
-    target=lambda req: req.model[:64],
     answer_code=lambda reply: reply.error_code,
 )

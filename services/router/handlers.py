@@ -16,8 +16,6 @@ from shared import streams
 from shared.errors import (
     InvalidArgument,
     NotFound,
-    message_of,
-    status_of,
 )
 from shared.events import ModelSpec
 from shared.kvview import KVView
@@ -27,7 +25,7 @@ from shared.pb.infermesh.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from shared.status_codes import code_value
+from shared.status_codes import error_fields
 from shared.tensors import to_numpy
 from shared.validation import check_inputs
 
@@ -159,8 +157,4 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 def _error_response(request_id: str, exc: BaseException) -> router_pb2.InferResponse:
-    return router_pb2.InferResponse(
-        request_id=request_id,
-        error_code=code_value(status_of(exc)),
-        error_message=message_of(exc),
-    )
+    return router_pb2.InferResponse(request_id=request_id, **error_fields(exc))

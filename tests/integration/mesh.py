@@ -18,7 +18,9 @@ from services.router.app import Router
 from services.router.config import RouterConfig
 from services.tiering.app import Tiering
 from services.tiering.config import TieringConfig
+from shared.client import AsyncClient
 from shared.config import from_env
+from shared.errors import RPCError
 from shared.lifecycle import Service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +40,15 @@ def common(nats_url: str, tmp: Path, **extra: Any) -> dict[str, str]:
     }
     env.update({f"INFERMESH_{k.upper()}": str(v) for k, v in extra.items()})
     return env
+
+
+async def serves_echo(client: AsyncClient) -> bool:
+    """Whether the mesh answers an echo request now (the router has seen model and batcher)."""
+    try:
+        await client.infer("echo", texts=["ready"], timeout=2)
+    except RPCError:
+        return False
+    return True
 
 
 class Running:

@@ -15,11 +15,10 @@ from services.batcher.app import Batcher
 from shared.bus import Bus
 from shared.cli.status import collect
 from shared.client import AsyncClient
-from shared.errors import RPCError
 from shared.events import POLICY_BUCKET, BatchPolicy, encode
 from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 
-from .mesh import Running, start_batcher, start_router, start_worker
+from .mesh import Running, serves_echo, start_batcher, start_router, start_worker
 
 #: A controller that decides five times a second, so tests see several decisions quickly.
 FAST = {
@@ -178,16 +177,8 @@ async def test_with_nats_down_batchers_keep_the_last_policy_and_keep_serving(
         await eventually(lambda: served(b.endpoint), what="batcher serves")
         await eventually_sync(lambda: svc.policies is not None and "echo" in svc.policies.values)
         async with AsyncClient(router.endpoint) as client:
-
-            async def answers() -> bool:
-                # The router must have seen the model and the batcher before NATS goes away.
-                try:
-                    await client.infer("echo", texts=["ready"], timeout=2)
-                except RPCError:
-                    return False
-                return True
-
-            await eventually(answers, what="the router serves echo")
+            # The router must have seen the model and the batcher before NATS goes away.
+            await eventually(lambda: serves_echo(client), what="the router serves echo")
             last = svc.queues["echo"].policy
             nats_server.kill()
             # Several controller intervals pass while requests keep being served.

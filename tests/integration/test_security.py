@@ -14,7 +14,7 @@ from shared.bus import Bus, NatsAuth
 from shared.client import AsyncClient, credentials
 from shared.errors import RPCError
 
-from .mesh import echo_mesh
+from .mesh import echo_mesh, serves_echo
 
 
 @pytest.fixture
@@ -46,14 +46,6 @@ def mtls_env(pki: dict[str, Path]) -> dict[str, str]:
     }
 
 
-async def _served(client: AsyncClient) -> bool:
-    try:
-        await client.infer("echo", texts=["x"], timeout=2)
-    except RPCError:
-        return False
-    return True
-
-
 async def test_the_whole_data_path_runs_over_mutual_tls(
     nats_server, tmp_path: Path, pki: dict[str, Path]
 ) -> None:
@@ -62,7 +54,7 @@ async def test_the_whole_data_path_runs_over_mutual_tls(
             pki["ca"].read_bytes(), pki["client_cert"].read_bytes(), pki["client_key"].read_bytes()
         )
         async with AsyncClient(mesh["router"].endpoint, creds=creds) as client:
-            await eventually(lambda: _served(client), what="served over mTLS")
+            await eventually(lambda: serves_echo(client), what="served over mTLS")
             result = await client.infer("echo", texts=["secret"])
     assert [t.decode() for t in result.outputs["TEXT"]] == ["secret"]
 
@@ -115,7 +107,7 @@ async def test_services_connect_to_an_authenticated_nats(
         nats_with_password.url, tmp_path, nats_user="mesh", nats_password="s3cret"
     ) as mesh:
         async with AsyncClient(mesh["router"].endpoint) as client:
-            await eventually(lambda: _served(client), what="served with NATS auth")
+            await eventually(lambda: serves_echo(client), what="served with NATS auth")
 
 
 @pytest.fixture

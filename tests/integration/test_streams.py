@@ -22,7 +22,6 @@ from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
 SUBMIT = streams.PerMessage(
     service="stream-test",
     method="infermesh.v1.Batcher/Submit",
-    target=lambda req: req.target,
     answer_code=lambda reply: reply.result.error_code,
 )
 

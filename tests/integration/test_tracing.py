@@ -13,9 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tests_support import eventually
 
 from shared.client import AsyncClient
-from shared.errors import RPCError
 
-from .mesh import echo_mesh
+from .mesh import echo_mesh, serves_echo
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -42,15 +41,7 @@ async def test_one_request_is_one_connected_trace_from_router_to_model(
 ) -> None:
     async with echo_mesh(nats_server.url, tmp_path, tracing="true") as mesh:
         async with AsyncClient(mesh["router"].endpoint) as client:
-
-            async def ready() -> bool:
-                try:
-                    await client.infer("echo", texts=["warm"], timeout=2)
-                except RPCError:
-                    return False
-                return True
-
-            await eventually(ready, what="mesh ready")
+            await eventually(lambda: serves_echo(client), what="mesh ready")
             spans.clear()
             await client.infer("echo", texts=["traced"], request_id="traced-1")
         finished = list(spans.get_finished_spans())

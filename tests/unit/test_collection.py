@@ -266,7 +266,8 @@ def test_vectors_too_large_for_float32_distances_are_refused_before_faiss_sees_t
 ) -> None:
     from services.retrieval_worker.manifest import CollectionSpec
 
-    col = Collection.create(tmp_path / "big", CollectionSpec(name="big", dim=8, nlist=4, lists_per_block=2))
+    spec = CollectionSpec(name="big", dim=8, nlist=4, lists_per_block=2)
+    col = Collection.create(tmp_path / "big", spec)
     huge = np.full((4, 8), 1e19, dtype=np.float32)
     with pytest.raises(InvalidArgument, match="within"):
         col.upsert(np.arange(4), huge, seq=1)
