@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health
+import uvloop
 
 from shared import metrics, rpc, telemetry
 from shared.bus import Bus, NatsAuth
@@ -235,7 +236,8 @@ def main(service_factory: Callable[[], Service], name: str, level: str = "INFO")
         await service.run()
 
     try:
-        asyncio.run(amain())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(amain())
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:

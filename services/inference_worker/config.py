@@ -14,6 +14,6 @@ class WorkerConfig(CommonConfig, frozen=True, kw_only=True):
     models: str = ""
     """Comma-separated names to load; empty = every model in the repository."""
     threads: int = 0
-    """Intra-op threads per model backend; 0 = the backend's default (all cores)."""
+    """Intra-op threads per run of a model; 0 = the cores divided by the model's instances."""
     model_cache: str = ""
     """Where built model files live; empty = <data_dir>/models."""

@@ -32,6 +32,9 @@ class Model:
         self.config = config
         self.spec = config.spec()
         self.backend = backend
+        #: The batcher keeps a second batch in flight so the next one is here when this one
+        #: ends; this makes it wait for its turn instead of running beside it.
+        self.slots = asyncio.Semaphore(config.instances)
 
 
 class Observations:
@@ -167,35 +170,43 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             raise DeadlineExceeded(
                 f"batch of {expired} arrived after the deadline of every request in it; not run"
             )
-        start = time.perf_counter()
         if items:
-            with tracer.start_as_current_span(
-                "model.execute",
-                attributes={
-                    "infermesh.model": model.spec.name,
-                    "infermesh.backend": model.spec.backend,
-                    "infermesh.batch_size": len(items),
-                },
-            ):
-                if model.backend.blocking:
-                    outputs = await asyncio.to_thread(model.backend.execute, items)
-                else:
-                    outputs = model.backend.execute(items)
+            async with model.slots:
+                outputs, exec_ms = await self._timed(model, items)
             for i, out in zip(runnable, outputs, strict=True):
                 results[i] = common_pb2.WorkResult(
                     request_id=request.items[i].request_id,
                     outputs=[from_numpy(name, np.asarray(a)) for name, a in out.items()],
                 )
-        exec_ms = (time.perf_counter() - start) * 1000.0
-        if items:
             # The controller fits exec time against samples, as the batcher counts them.
             rows = sum(
                 len(it.texts) or next((len(a) for a in it.inputs.values()), 1) for it in items
             )
             self._observe(model.spec.name, rows, request.queue_ms, exec_ms)
+        else:
+            exec_ms = 0.0
         return inference_worker_pb2.ExecuteResponse(
             results=results, exec_ms=exec_ms, worker=self.worker, call_id=request.call_id
         )
+
+    async def _timed(
+        self, model: Model, items: list[Item]
+    ) -> tuple[list[dict[str, np.ndarray]], float]:
+        """The backend's outputs for items and how long it ran, in ms (the slot's wait aside)."""
+        start = time.perf_counter()
+        with tracer.start_as_current_span(
+            "model.execute",
+            attributes={
+                "infermesh.model": model.spec.name,
+                "infermesh.backend": model.spec.backend,
+                "infermesh.batch_size": len(items),
+            },
+        ):
+            if model.backend.blocking:
+                outputs = await asyncio.to_thread(model.backend.execute, items)
+            else:
+                outputs = model.backend.execute(items)
+        return outputs, (time.perf_counter() - start) * 1000.0
 
     def _observe(self, target: str, size: int, queue_ms: float, exec_ms: float) -> None:
         self._observations.add(

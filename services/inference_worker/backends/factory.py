@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from services.inference_worker.backends import Backend, BackendUnavailable
@@ -26,7 +27,10 @@ def make_backend(config: ModelConfig, model_dir: Path, cache_dir: Path, threads:
             model_path = build_default(cache_dir)
         else:
             model_path = model_dir / str(config.parameters.get("model", "model.onnx"))
-        return OnnxBackend(model_path, config.parameters, threads)
+        # Instances run side by side and share the cores: each run gets its share. (ORT's
+        # default gives every run all cores; two runs then meet at each op's barrier.)
+        per_run = threads or max(1, len(os.sched_getaffinity(0)) // config.instances)
+        return OnnxBackend(model_path, config.parameters, per_run)
     if config.backend == "torch":
         try:
             from services.inference_worker.backends.torch_backend import TorchBackend

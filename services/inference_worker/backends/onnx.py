@@ -42,6 +42,9 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # ORT's pool threads spin after each run by default; in a mesh they spin on the cores
+        # the router and batcher need to hand over the next batch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=providers()
         )
