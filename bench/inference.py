@@ -2,10 +2,10 @@
 
 Raw: the built `minilm-l6` graph in one onnxruntime session, 32-token inputs, at batch
 1/8/32/64: one run at a time on all cores, and two runs at once on half the cores each (the
-worker's ``instances: 2``); the best of every raw row is the bar. Mesh: client -> router -> batcher -> inference worker (processes), one
-32-token text per request, closed loop at concurrency 1/8/32. Same texts, same machine, one
-run. Goal (issue 3): mesh throughput at c=32 >= 0.85x the raw best-batch throughput, with
-p99 within the model's SLO.
+worker's ``instances: 2``); the best of every raw row is the bar. Mesh: client -> router ->
+batcher -> inference worker (processes), one 32-token text per request, closed loop at
+concurrency 1/8/32. Same texts, same machine, one run. Goal (issue 3): mesh throughput at
+c=32 >= 0.85x the raw best-batch throughput, with p99 within the model's SLO.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import asyncio
 import json
 import os
 import sys
-import threading
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def raw_ort(
     for b in batches:
         chunk = texts[:b]
 
-        def loop(counts: list[int], start: float) -> None:
+        def loop(counts: list[int], start: float, chunk: list[str] = chunk) -> None:
             calls = 0
             while time.perf_counter() - start < seconds or calls < 3:
                 ids, mask = encoder.encode(chunk)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health
 import uvloop
+from grpc_health.v1 import health
 
 from shared import metrics, rpc, telemetry
 from shared.bus import Bus, NatsAuth
