@@ -6,7 +6,13 @@ the same chain of streams (measured with bare servers). So the internal hops tha
 request (Batcher.SubmitStream, InferenceWorker.ExecuteStream) keep one stream open per peer
 and match answers to calls by a ``call_id`` the caller sets.
 
-What a stream has no room for travels in the message: the deadline (``deadline_unix_ms`` of
+Messages are bundles (``SubmitCalls``/``SubmitAnswers``, ...): a caller sends, in one message,
+every call that queued while its previous write was in flight, and a server answers, in one
+message, every call that finished meanwhile. Nothing waits on a timer, so one call alone
+goes at once; under load a stream message (a write, a read, a poller wake-up at each end)
+is paid once for many calls. A bundle stays under ``BUNDLE_BYTES``; a larger call goes alone.
+
+What a stream has no room for travels in each call: the deadline (``deadline_unix_ms`` of
 each item; the receiver refuses expired work), the trace context (``trace_context``, W3C
 headers; the receiver opens a SERVER span per message under the sender's CLIENT span), and
 the per-call metrics (recorded per message under the unary method's name).
@@ -63,6 +69,12 @@ Out = TypeVar("Out")
 #: call_id of the closing notice a draining server sends; callers number calls from 1.
 CLOSING = 0
 
+_EMPTY = object()
+
+#: Calls (answers) packed into one stream message stop growing past this many bytes: far
+#: under any message limit, and big enough that small calls always share.
+BUNDLE_BYTES = 4 << 20
+
 
 class PeerGone(InfermeshError):
     """The stream to a peer ended before answering this call: the peer did not run it here.
@@ -91,20 +103,24 @@ class CallStream(Generic[Req, Resp]):
     """Calls to one peer over one bidi stream, reopened when it ends.
 
     ``open`` starts the stream method with a request iterator (e.g. ``stub.SubmitStream``);
-    ``method`` is the unary method the messages stand for ("infermesh.v1.Batcher/Submit"),
-    used for the CLIENT span when ``tracing`` is on; ``hop`` names the peer in errors.
+    ``bundle`` packs calls into one of its messages (e.g. ``SubmitCalls``, field ``calls``);
+    its answers come in the field ``answers``. ``method`` is the unary method the calls stand
+    for ("infermesh.v1.Batcher/Submit"), used for the CLIENT span when ``tracing`` is on;
+    ``hop`` names the peer in errors.
     """
 
     def __init__(
         self,
         endpoint: str,
-        open: Callable[[AsyncIterator[Req]], Any],
+        open: Callable[[AsyncIterator[Any]], Any],
+        bundle: Callable[..., Any],
         method: str,
         hop: str,
         tracing: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self._open_call = open
+        self._bundle = bundle
         self._method = method
         self._hop = hop
         self._tracing = tracing
@@ -116,7 +132,8 @@ class CallStream(Generic[Req, Resp]):
         live = self._live
         if live is None:
             outbox: asyncio.Queue[Any] = asyncio.Queue()
-            live = _Open(call=self._open_call(_drain_queue(outbox)), outbox=outbox)
+            calls = _bundles(outbox, lambda batch: self._bundle(calls=batch))
+            live = _Open(call=self._open_call(calls), outbox=outbox)
             live.reader = asyncio.get_running_loop().create_task(
                 self._read(live), name=f"stream {self._method} {self.endpoint}"
             )
@@ -167,20 +184,21 @@ class CallStream(Generic[Req, Resp]):
         failure: Exception = PeerGone(self.endpoint, "stream ended")
         try:
             while True:
-                answer = await live.call.read()
-                if answer is grpc.aio.EOF:
+                message = await live.call.read()
+                if message is grpc.aio.EOF:
                     failure = PeerGone(self.endpoint, f"{self._hop} ended the stream")
                     break
-                if answer.call_id == CLOSING:
-                    # The peer drains: new calls go to a new stream (or another replica);
-                    # this one ends once the calls on it are answered.
-                    if self._live is live:
-                        self._live = None
-                    live.outbox.put_nowait(None)
-                    continue
-                future = live.pending.pop(answer.call_id, None)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+                for answer in message.answers:
+                    if answer.call_id == CLOSING:
+                        # The peer drains: new calls go to a new stream (or another
+                        # replica); this one ends once the calls on it are answered.
+                        if self._live is live:
+                            self._live = None
+                        live.outbox.put_nowait(None)
+                        continue
+                    future = live.pending.pop(answer.call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
         except grpc.aio.AioRpcError as err:
             failure = _stream_failure(err, self.endpoint, self._hop)
         except asyncio.CancelledError:
@@ -217,12 +235,14 @@ class Streams(Generic[Req, Resp]):
         channels: Channels,
         stub_type: type,
         stream_method: str,
+        bundle: Callable[..., Any],
         method: str,
         hop: str,
     ) -> None:
         self._channels = channels
         self._stub_type = stub_type
         self._stream_method = stream_method
+        self._bundle = bundle
         self._method = method
         self._hop = hop
         self._streams: dict[str, CallStream[Req, Resp]] = {}
@@ -235,6 +255,7 @@ class Streams(Generic[Req, Resp]):
             stream = self._streams[endpoint] = CallStream(
                 endpoint,
                 getattr(stub, self._stream_method),
+                self._bundle,
                 self._method,
                 self._hop,
                 tracing=self._channels.transport.tracing,
@@ -253,9 +274,45 @@ def _stream_failure(err: grpc.aio.AioRpcError, endpoint: str, hop: str) -> Excep
     return RPCError.from_aio(err, hop)
 
 
-async def _drain_queue(outbox: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while (item := await outbox.get()) is not None:
-        yield item
+async def _bundles(
+    outbox: asyncio.Queue[Any], bundle: Callable[[list[Any]], Any]
+) -> AsyncIterator[Any]:
+    """The stream's messages: each takes every call queued by then (None in the outbox ends it).
+
+    grpc.aio pulls the next message only when the previous write is done, so what queued
+    during a write leaves together in the next one.
+    """
+    while (first := await outbox.get()) is not None:
+        calls = [first]
+        ended = False
+        while not outbox.empty():
+            call = outbox.get_nowait()
+            if call is None:
+                ended = True
+                break
+            calls.append(call)
+        for message in packed(calls, bundle):
+            yield message
+        if ended:
+            return
+
+
+def packed(messages: list[Any], bundle: Callable[[list[Any]], Any]) -> Iterator[Any]:
+    """messages in order, as few bundles as keep each under BUNDLE_BYTES (one over it alone)."""
+    if len(messages) == 1:
+        yield bundle(messages)
+        return
+    batch: list[Any] = []
+    size = 0
+    for m in messages:
+        n = m.ByteSize()
+        if batch and size + n > BUNDLE_BYTES:
+            yield bundle(batch)
+            batch, size = [], 0
+        batch.append(m)
+        size += n
+    if batch:
+        yield bundle(batch)
 
 
 # -- the server side ---------------------------------------------------------------------
@@ -280,8 +337,13 @@ async def answer_concurrently(
     stopping: asyncio.Event | None = None,
     closing: Callable[[], Out] | None = None,
     per_message: PerMessage | None = None,
-) -> AsyncIterator[Out]:
+    bundle: Callable[..., Any] | None = None,
+) -> AsyncIterator[Any]:
     """Serve a bidi stream: every request runs concurrently, answers go out as they finish.
+
+    With ``bundle`` (e.g. ``SubmitAnswers``) each incoming message is a bundle of calls (field
+    ``calls``) and every answer ready when the stream can write goes out in one bundle
+    (``bundle(answers=[...])``); without it, one request and one answer per message.
 
     ``error_reply`` turns one request's failure into an inline answer (the stream stays open);
     when it returns None the error ends the stream instead (it reaches the ErrorInterceptor).
@@ -323,10 +385,11 @@ async def answer_concurrently(
         await out.put(reply)
 
     async def read() -> None:
-        async for req in requests:
-            task = loop.create_task(one(req))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        async for message in requests:
+            for req in message.calls if bundle is not None else (message,):
+                task = loop.create_task(one(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         await asyncio.gather(*list(tasks), return_exceptions=True)
         await out.put(None)
 
@@ -341,12 +404,31 @@ async def answer_concurrently(
         watcher = loop.create_task(watch())
     try:
         while (item := await out.get()) is not None:
-            if item is notice:
-                yield closing()  # type: ignore[misc]
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+            if bundle is None:
+                if item is notice:
+                    yield closing()  # type: ignore[misc]
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+                continue
+            answers: list[Any] = []
+            failure: BaseException | None = None
+            while item is not None:
+                if isinstance(item, BaseException):
+                    failure = item
+                    break
+                answers.append(closing() if item is notice else item)  # type: ignore[misc]
+                item = out.get_nowait() if not out.empty() else _EMPTY
+                if item is _EMPTY:
+                    break
+            for message in packed(answers, lambda batch: bundle(answers=batch)):
+                yield message
+            if failure is not None:
+                # A failure that ends the stream goes after the answers before it.
+                raise failure
+            if item is None:
+                break
     finally:
         reader.cancel()
         if watcher is not None:

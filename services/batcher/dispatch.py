@@ -40,6 +40,7 @@ class WorkerPool:
             channels,
             inference_worker_pb2_grpc.InferenceWorkerStub,
             "ExecuteStream",
+            inference_worker_pb2.ExecuteCalls,
             "infermesh.v1.InferenceWorker/Execute",
             service,
         )

@@ -81,9 +81,9 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
 
     async def SubmitStream(
         self,
-        requests: AsyncIterator[batcher_pb2.SubmitRequest],
+        requests: AsyncIterator[batcher_pb2.SubmitCalls],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
+    ) -> AsyncIterator[batcher_pb2.SubmitAnswers]:
         """Many submits over one stream (the router's data path); answers matched by call_id.
 
         Errors come inline. When the batcher drains it tells the router to send new submits
@@ -96,6 +96,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             stopping=self._queues.draining,
             closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
+            bundle=batcher_pb2.SubmitAnswers,
         ):
             yield reply
 

@@ -108,9 +108,9 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
 
     async def ExecuteStream(
         self,
-        requests: AsyncIterator[inference_worker_pb2.ExecuteRequest],
+        requests: AsyncIterator[inference_worker_pb2.ExecuteCalls],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[inference_worker_pb2.ExecuteResponse]:
+    ) -> AsyncIterator[inference_worker_pb2.ExecuteAnswers]:
         """Batches over one stream (the batcher's data path); answers matched by call_id.
 
         A batch that fails as a whole answers inline. When the worker drains it tells the
@@ -123,6 +123,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             stopping=self._draining,
             closing=lambda: inference_worker_pb2.ExecuteResponse(call_id=streams.CLOSING),
             per_message=EXECUTE,
+            bundle=inference_worker_pb2.ExecuteAnswers,
         ):
             yield reply
 

@@ -29,6 +29,7 @@ class Batchers:
             channels,
             batcher_pb2_grpc.BatcherStub,
             "SubmitStream",
+            batcher_pb2.SubmitCalls,
             "infermesh.v1.Batcher/Submit",
             "batcher",
         )

@@ -251,10 +251,14 @@ async def test_the_batcher_stream_answers_each_submit_with_errors_inline(
         )
 
         async def gen():
-            for r in requests:
-                yield r
+            yield batcher_pb2.SubmitCalls(calls=requests[:4])
+            yield batcher_pb2.SubmitCalls(calls=requests[4:])
 
-        replies = {r.result.request_id: r async for r in stub.SubmitStream(gen(), timeout=10)}
+        replies = {
+            r.result.request_id: r
+            async for message in stub.SubmitStream(gen(), timeout=10)
+            for r in message.answers
+        }
         await channel.close()
     assert len(replies) == 11
     assert replies["s3"].result.outputs[0].strings == [b"t3"]

@@ -32,6 +32,8 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
     def __init__(self) -> None:
         self.draining = asyncio.Event()
         self.ran: list[str] = []
+        self.messages_in = 0
+        self.messages_out = 0
 
     async def _one(self, req: batcher_pb2.SubmitRequest) -> batcher_pb2.SubmitResponse:
         if req.target == "bad":
@@ -43,10 +45,15 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
         )
 
     async def SubmitStream(
-        self, requests: AsyncIterator[batcher_pb2.SubmitRequest], context: object
-    ) -> AsyncIterator[batcher_pb2.SubmitResponse]:
+        self, requests: AsyncIterator[batcher_pb2.SubmitCalls], context: object
+    ) -> AsyncIterator[batcher_pb2.SubmitAnswers]:
+        async def counted() -> AsyncIterator[batcher_pb2.SubmitCalls]:
+            async for message in requests:
+                self.messages_in += 1
+                yield message
+
         async for reply in streams.answer_concurrently(
-            requests,
+            counted(),
             self._one,
             lambda req, exc: batcher_pb2.SubmitResponse(
                 call_id=req.call_id,
@@ -55,7 +62,9 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
             stopping=self.draining,
             closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
+            bundle=batcher_pb2.SubmitAnswers,
         ):
+            self.messages_out += 1
             yield reply
 
 
@@ -82,6 +91,7 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.Call
         channels,
         batcher_pb2_grpc.BatcherStub,
         "SubmitStream",
+        batcher_pb2.SubmitCalls,
         "infermesh.v1.Batcher/Submit",
         "batcher",
     )
@@ -100,6 +110,30 @@ async def test_concurrent_calls_on_one_stream_each_get_their_own_answer(served) 
     )
     assert [r.result.request_id for r in replies] == [f"r{i}" for i in range(40)]
     assert servicer.ran[0] == "r39"
+
+
+async def test_calls_that_queue_together_share_a_message_each_way(served) -> None:
+    _, servicer, stream = served
+    await stream.call(submit("first"), timeout=5)  # the stream is open
+    before_in, before_out = servicer.messages_in, servicer.messages_out
+    replies = await asyncio.gather(*(stream.call(submit(f"b{i}"), timeout=5) for i in range(50)))
+    assert [r.result.request_id for r in replies] == [f"b{i}" for i in range(50)]
+    # Fifty calls queued before the writer ran: far fewer messages than calls, both ways.
+    assert servicer.messages_in - before_in <= 5
+    assert servicer.messages_out - before_out <= 10
+
+
+def test_a_bundle_stays_under_its_byte_budget_and_a_big_call_goes_alone(monkeypatch) -> None:
+    small = [submit(f"s{i}") for i in range(5)]
+    assert small[0].ByteSize() == 9
+    monkeypatch.setattr(streams, "BUNDLE_BYTES", 30)  # three small calls fit, not four
+    big = batcher_pb2.SubmitRequest(target="t", item=common_pb2.WorkItem(request_id="x" * 400))
+    bundles = list(
+        streams.packed([*small, big, small[0]], lambda b: batcher_pb2.SubmitCalls(calls=b))
+    )
+    assert [len(b.calls) for b in bundles] == [3, 2, 1, 1]
+    order = [c.item.request_id for b in bundles for c in b.calls]
+    assert order == [*(f"s{i}" for i in range(5)), "x" * 400, "s0"]
 
 
 async def test_an_error_comes_back_inline_and_the_stream_keeps_serving(served) -> None:

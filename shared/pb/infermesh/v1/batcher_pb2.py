@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.pb.infermesh.v1 import common_pb2 as infermesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfermesh/v1/batcher.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\x8b\x02\n\rSubmitRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.infermesh.v1.TargetKind\x12$\n\x04item\x18\x03 \x01(\x0b\x32\x16.infermesh.v1.WorkItem\x12\x10\n\x08priority\x18\x04 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\x04\x12\x44\n\rtrace_context\x18\x06 \x03(\x0b\x32-.infermesh.v1.SubmitRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0eSubmitResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.infermesh.v1.WorkResult\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x0f\n\x07\x65xec_ms\x18\x03 \x01(\x01\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\"\x14\n\x12QueueStatusRequest\"l\n\x0bTargetQueue\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\"@\n\x13QueueStatusResponse\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.infermesh.v1.TargetQueue*\\\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TARGET_KIND_MODEL\x10\x01\x12\x1a\n\x16TARGET_KIND_COLLECTION\x10\x02\x32\xf1\x01\n\x07\x42\x61tcher\x12\x43\n\x06Submit\x12\x1b.infermesh.v1.SubmitRequest\x1a\x1c.infermesh.v1.SubmitResponse\x12M\n\x0cSubmitStream\x12\x1b.infermesh.v1.SubmitRequest\x1a\x1c.infermesh.v1.SubmitResponse(\x01\x30\x01\x12R\n\x0bQueueStatus\x12 .infermesh.v1.QueueStatusRequest\x1a!.infermesh.v1.QueueStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainfermesh/v1/batcher.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\x8b\x02\n\rSubmitRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.infermesh.v1.TargetKind\x12$\n\x04item\x18\x03 \x01(\x0b\x32\x16.infermesh.v1.WorkItem\x12\x10\n\x08priority\x18\x04 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\x04\x12\x44\n\rtrace_context\x18\x06 \x03(\x0b\x32-.infermesh.v1.SubmitRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x0eSubmitResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.infermesh.v1.WorkResult\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x0f\n\x07\x65xec_ms\x18\x03 \x01(\x01\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\"9\n\x0bSubmitCalls\x12*\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1b.infermesh.v1.SubmitRequest\">\n\rSubmitAnswers\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.infermesh.v1.SubmitResponse\"\x14\n\x12QueueStatusRequest\"l\n\x0bTargetQueue\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\"@\n\x13QueueStatusResponse\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.infermesh.v1.TargetQueue*\\\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TARGET_KIND_MODEL\x10\x01\x12\x1a\n\x16TARGET_KIND_COLLECTION\x10\x02\x32\xee\x01\n\x07\x42\x61tcher\x12\x43\n\x06Submit\x12\x1b.infermesh.v1.SubmitRequest\x1a\x1c.infermesh.v1.SubmitResponse\x12J\n\x0cSubmitStream\x12\x19.infermesh.v1.SubmitCalls\x1a\x1b.infermesh.v1.SubmitAnswers(\x01\x30\x01\x12R\n\x0bQueueStatus\x12 .infermesh.v1.QueueStatusRequest\x1a!.infermesh.v1.QueueStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_TARGETKIND']._serialized_start=688
-  _globals['_TARGETKIND']._serialized_end=780
+  _globals['_TARGETKIND']._serialized_start=811
+  _globals['_TARGETKIND']._serialized_end=903
   _globals['_SUBMITREQUEST']._serialized_start=72
   _globals['_SUBMITREQUEST']._serialized_end=339
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_start=288
   _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_end=339
   _globals['_SUBMITRESPONSE']._serialized_start=342
   _globals['_SUBMITRESPONSE']._serialized_end=488
-  _globals['_QUEUESTATUSREQUEST']._serialized_start=490
-  _globals['_QUEUESTATUSREQUEST']._serialized_end=510
-  _globals['_TARGETQUEUE']._serialized_start=512
-  _globals['_TARGETQUEUE']._serialized_end=620
-  _globals['_QUEUESTATUSRESPONSE']._serialized_start=622
-  _globals['_QUEUESTATUSRESPONSE']._serialized_end=686
-  _globals['_BATCHER']._serialized_start=783
-  _globals['_BATCHER']._serialized_end=1024
+  _globals['_SUBMITCALLS']._serialized_start=490
+  _globals['_SUBMITCALLS']._serialized_end=547
+  _globals['_SUBMITANSWERS']._serialized_start=549
+  _globals['_SUBMITANSWERS']._serialized_end=611
+  _globals['_QUEUESTATUSREQUEST']._serialized_start=613
+  _globals['_QUEUESTATUSREQUEST']._serialized_end=633
+  _globals['_TARGETQUEUE']._serialized_start=635
+  _globals['_TARGETQUEUE']._serialized_end=743
+  _globals['_QUEUESTATUSRESPONSE']._serialized_start=745
+  _globals['_QUEUESTATUSRESPONSE']._serialized_end=809
+  _globals['_BATCHER']._serialized_start=906
+  _globals['_BATCHER']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

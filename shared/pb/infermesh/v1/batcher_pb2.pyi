@@ -56,6 +56,18 @@ class SubmitResponse(_message.Message):
     call_id: int
     def __init__(self, result: _Optional[_Union[_common_pb2.WorkResult, _Mapping]] = ..., queue_ms: _Optional[float] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ..., batch_size: _Optional[int] = ..., call_id: _Optional[int] = ...) -> None: ...
 
+class SubmitCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[SubmitRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitAnswers(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[SubmitResponse]
+    def __init__(self, answers: _Optional[_Iterable[_Union[SubmitResponse, _Mapping]]] = ...) -> None: ...
+
 class QueueStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

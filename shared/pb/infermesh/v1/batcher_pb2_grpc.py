@@ -42,8 +42,8 @@ class BatcherStub:
                 _registered_method=True)
         self.SubmitStream = channel.stream_stream(
                 '/infermesh.v1.Batcher/SubmitStream',
-                request_serializer=infermesh_dot_v1_dot_batcher__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=infermesh_dot_v1_dot_batcher__pb2.SubmitResponse.FromString,
+                request_serializer=infermesh_dot_v1_dot_batcher__pb2.SubmitCalls.SerializeToString,
+                response_deserializer=infermesh_dot_v1_dot_batcher__pb2.SubmitAnswers.FromString,
                 _registered_method=True)
         self.QueueStatus = channel.unary_unary(
                 '/infermesh.v1.Batcher/QueueStatus',
@@ -65,7 +65,9 @@ class BatcherServicer:
 
     def SubmitStream(self, request_iterator, context):
         """Many submits over one long-lived stream (one per router process and batcher), matched
-        by call_id; errors come inline in result.error_code. The data path uses this.
+        by call_id; errors come inline in result.error_code. The data path uses this. Each
+        message carries every submit that queued while the previous write was in flight, and
+        answers travel back the same way: under load a message costs once for many requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,8 +90,8 @@ def add_BatcherServicer_to_server(servicer, server):
             ),
             'SubmitStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitStream,
-                    request_deserializer=infermesh_dot_v1_dot_batcher__pb2.SubmitRequest.FromString,
-                    response_serializer=infermesh_dot_v1_dot_batcher__pb2.SubmitResponse.SerializeToString,
+                    request_deserializer=infermesh_dot_v1_dot_batcher__pb2.SubmitCalls.FromString,
+                    response_serializer=infermesh_dot_v1_dot_batcher__pb2.SubmitAnswers.SerializeToString,
             ),
             'QueueStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.QueueStatus,
@@ -150,8 +152,8 @@ class Batcher:
             request_iterator,
             target,
             '/infermesh.v1.Batcher/SubmitStream',
-            infermesh_dot_v1_dot_batcher__pb2.SubmitRequest.SerializeToString,
-            infermesh_dot_v1_dot_batcher__pb2.SubmitResponse.FromString,
+            infermesh_dot_v1_dot_batcher__pb2.SubmitCalls.SerializeToString,
+            infermesh_dot_v1_dot_batcher__pb2.SubmitAnswers.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,8 +42,8 @@ class InferenceWorkerStub:
                 _registered_method=True)
         self.ExecuteStream = channel.stream_stream(
                 '/infermesh.v1.InferenceWorker/ExecuteStream',
-                request_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
-                response_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
+                request_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteCalls.SerializeToString,
+                response_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteAnswers.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/infermesh.v1.InferenceWorker/ListModels',
@@ -66,6 +66,7 @@ class InferenceWorkerServicer:
         """Many batches over one long-lived stream (one per batcher and worker), matched by
         call_id; a batch that fails as a whole answers inline with error_code. The data path
         uses this: a message on an open stream costs about half a unary call.
+        Batches that queue while a write is in flight go in one message, answers likewise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,8 +88,8 @@ def add_InferenceWorkerServicer_to_server(servicer, server):
             ),
             'ExecuteStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ExecuteStream,
-                    request_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.FromString,
-                    response_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.SerializeToString,
+                    request_deserializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteCalls.FromString,
+                    response_serializer=infermesh_dot_v1_dot_inference__worker__pb2.ExecuteAnswers.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -149,8 +150,8 @@ class InferenceWorker:
             request_iterator,
             target,
             '/infermesh.v1.InferenceWorker/ExecuteStream',
-            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteRequest.SerializeToString,
-            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteResponse.FromString,
+            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteCalls.SerializeToString,
+            infermesh_dot_v1_dot_inference__worker__pb2.ExecuteAnswers.FromString,
             options,
             channel_credentials,
             insecure,
