@@ -35,7 +35,8 @@ config):
 Text items are tokenized with the model's own tokenizer; pre-tokenized items
 (``input_ids``/``attention_mask``) join the same batch (``backends.batching``).
 
-``execute`` may be called from several threads (the worker keeps two batches in flight):
+``execute`` may be called from several threads (the model's ``instances``; the shipped
+config runs two):
 tokenizing runs outside a lock, so the next batch is tokenized while the current one is on
 the GPU, and the device part (copies, forward pass or replay, copy back) runs under it.
 """
