@@ -40,6 +40,7 @@ _NOT_TRACED = filters.negate(
         filters.health_check(),
         filters.full_method_name("/infermesh.v1.Batcher/SubmitStream"),
         filters.full_method_name("/infermesh.v1.InferenceWorker/ExecuteStream"),
+        filters.full_method_name("/infermesh.v1.RetrievalWorker/SearchStream"),
     )
 )
 

@@ -22,13 +22,12 @@ import time
 from collections.abc import Mapping
 from typing import cast
 
-import grpc
 import numpy as np
 
 from services.batcher.queue import Outcome, Pending
 from services.batcher.tracing import next_batch_id
 from shared import rpc
-from shared.errors import DeadlineExceeded, InvalidArgument, RPCError, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shared.ingestlog import CollectionDeclared
 from shared.kvview import KVView
 from shared.membership import MemberView
@@ -37,6 +36,8 @@ from shared.pb.infermesh.v1 import (
     retrieval_worker_pb2,
     retrieval_worker_pb2_grpc,
 )
+from shared.status_codes import error_from
+from shared.streams import PeerGone, Streams
 from shared.tensors import from_numpy, to_numpy
 from shared.topk import Metric, merge_topk
 
@@ -81,7 +82,16 @@ class Scatter:
     ) -> None:
         self._members = members
         self._collections = collections
-        self._channels = channels
+        self._streams: Streams[
+            retrieval_worker_pb2.SearchRequest, retrieval_worker_pb2.SearchResponse
+        ] = Streams(
+            channels,
+            retrieval_worker_pb2_grpc.RetrievalWorkerStub,
+            "SearchStream",
+            retrieval_worker_pb2.SearchCalls,
+            "infermesh.v1.RetrievalWorker/Search",
+            SERVICE,
+        )
         self.outstanding: dict[str, int] = {}
         self._covers: dict[
             tuple[frozenset[tuple[str, frozenset[int]]], frozenset[int] | None],
@@ -110,9 +120,6 @@ class Scatter:
                 self._covers.clear()
             plan = self._covers[key] = cover(owners, blocks)
         return plan
-
-    def _stub(self, endpoint: str) -> retrieval_worker_pb2_grpc.RetrievalWorkerStub:
-        return self._channels.stub(endpoint, retrieval_worker_pb2_grpc.RetrievalWorkerStub)
 
     async def execute(self, target: str, batch: list[Pending]) -> None:
         """Run a batch of search requests and resolve each one's future."""
@@ -200,6 +207,7 @@ class Scatter:
         failed: set[str] = set()
         workers: list[str] = []
         exec_ms = 0.0
+        deadline_ms = int((time.time() + timeout) * 1000)
         missing: frozenset[int] | None = None  # None: every advertised block
         for _round in range(ROUNDS):
             owners = self.owners(target, failed)
@@ -210,7 +218,7 @@ class Scatter:
             calls = [
                 self._search(e, retrieval_worker_pb2.SearchRequest(
                     collection=target, queries=tensor, k=k, nprobe=nprobe, blocks=blocks,
-                    batch_id=batch_id, omit_hits=omit_hits,
+                    batch_id=batch_id, omit_hits=omit_hits, deadline_unix_ms=deadline_ms,
                 ), timeout)
                 for e, blocks in plan.items()
             ]
@@ -245,16 +253,18 @@ class Scatter:
         n = request.queries.shape[0]
         self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + n
         try:
-            return await self._stub(endpoint).Search(request, timeout=max(timeout, 0.001))  # type: ignore[no-any-return]
-        except grpc.aio.AioRpcError as err:
-            if rpc.peer_unreachable(err) or err.code() == grpc.StatusCode.CANCELLED:
-                self._members.forget(endpoint)
-                raise _Gone(endpoint) from None
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"deadline passed while searching on {endpoint}") from None
-            raise RPCError.from_aio(err, SERVICE) from None
+            reply = await self._streams.get(endpoint).call(request, max(timeout, 0.001))
+        except PeerGone:
+            # Unreachable, died or draining: it did not answer, its blocks go elsewhere.
+            self._members.forget(endpoint)
+            raise _Gone(endpoint) from None
+        except DeadlineExceeded:
+            raise DeadlineExceeded(f"deadline passed while searching on {endpoint}") from None
         finally:
             self.outstanding[endpoint] -= n
+        if reply.error_code:
+            raise error_from(reply.error_code, reply.error_message, SERVICE)
+        return reply
 
 
 

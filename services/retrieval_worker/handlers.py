@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
 
 from services.retrieval_worker.config import RetrievalConfig
 from services.retrieval_worker.holdings import Held, Holdings
-from shared.errors import InvalidArgument
+from shared import streams
+from shared.errors import DeadlineExceeded, InvalidArgument
 from shared.ingestlog import CollectionDeclared, check_collection_name
 from shared.pb.infermesh.v1 import common_pb2, retrieval_worker_pb2, retrieval_worker_pb2_grpc
+from shared.status_codes import error_fields
 from shared.tensors import from_numpy, to_numpy
 
 #: Searches of at most this many queries run on the event loop instead of a thread.
@@ -81,12 +83,14 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
         worker: str,
         declare: Declare,
         retract: Retract,
+        draining: asyncio.Event | None = None,
     ) -> None:
         self.holdings = holdings
         self._cfg = config
         self._worker = worker
         self._declare = declare
         self._retract = retract
+        self._draining = draining
         self.outstanding = 0
 
     def _queries(self, request: retrieval_worker_pb2.SearchRequest, held: Held) -> np.ndarray:
@@ -128,6 +132,35 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
     async def Search(
         self, request: retrieval_worker_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_worker_pb2.SearchResponse:
+        return await self._search_request(request)
+
+    async def SearchStream(
+        self,
+        requests: AsyncIterator[retrieval_worker_pb2.SearchCalls],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[retrieval_worker_pb2.SearchAnswers]:
+        """Searches over one stream (the batcher's data path); answers matched by call_id.
+
+        A failed search answers inline. When the worker drains it tells the batcher to send
+        new searches elsewhere, and answers the ones it has (shared/streams.py).
+        """
+        async for reply in streams.answer_concurrently(
+            requests,
+            self._search_request,
+            _error_reply,
+            stopping=self._draining,
+            closing=lambda: retrieval_worker_pb2.SearchResponse(call_id=streams.CLOSING),
+            per_message=SEARCH,
+            bundle=retrieval_worker_pb2.SearchAnswers,
+        ):
+            yield reply
+
+    async def _search_request(
+        self, request: retrieval_worker_pb2.SearchRequest
+    ) -> retrieval_worker_pb2.SearchResponse:
+        if request.deadline_unix_ms and request.deadline_unix_ms <= time.time() * 1000.0:
+            # Arrived after its deadline (a slow link): the batcher has given up on it.
+            raise DeadlineExceeded("deadline passed before the search ran")
         held = self.holdings.get(check_collection_name(request.collection))
         q = self._queries(request, held)
         k, nprobe = self._k_nprobe(request.k, request.nprobe, held)
@@ -156,6 +189,7 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
             hits=hits,
             exec_ms=(time.perf_counter() - start) * 1000.0,
             worker=self._worker,
+            call_id=request.call_id,
         )
 
     @staticmethod
@@ -205,3 +239,17 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
     ) -> retrieval_worker_pb2.CollectionInfo:
         held = self.holdings.get(check_collection_name(request.name))
         return info_of(held, [self._worker])
+
+
+def _error_reply(
+    request: retrieval_worker_pb2.SearchRequest, exc: BaseException
+) -> retrieval_worker_pb2.SearchResponse:
+    return retrieval_worker_pb2.SearchResponse(call_id=request.call_id, **error_fields(exc))
+
+
+#: Metrics and spans of SearchStream messages, under the unary method's name.
+SEARCH = streams.PerMessage(
+    service="retrieval-worker",
+    method="infermesh.v1.RetrievalWorker/Search",
+    answer_code=lambda reply: reply.error_code,
+)

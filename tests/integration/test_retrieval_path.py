@@ -295,3 +295,54 @@ async def test_a_collection_bulk_built_offline_is_served_and_takes_later_upserts
             new = await search(client, "bulk", extra, k=1, nprobe=16)
     assert [h[0].text for h in old.hits] == ["doc 0", "doc 1"]
     assert new.hits[0][0].id == 5000
+
+
+async def test_the_search_stream_answers_each_search_and_refuses_bad_or_late_ones_inline(
+    nats_server, tmp_path: Path
+) -> None:
+    import time
+
+    from shared import rpc
+    from shared.pb.infermesh.v1 import retrieval_worker_pb2_grpc
+    from shared.tensors import to_numpy
+
+    async with retrieval_mesh(nats_server.url, tmp_path) as mesh:
+        admin = Admin(mesh["router"].endpoint)
+        await admin.create("streamed")
+        x = unit(1000, seed=5)
+        await admin.upsert("streamed", np.arange(1000), x)
+        await eventually(lambda: admin.count_is("streamed", 1000), timeout=30, what="ingest")
+        channel = rpc.channel(mesh["rw0"].endpoint)
+        stub = retrieval_worker_pb2_grpc.RetrievalWorkerStub(channel)
+
+        def req(call_id: int, **kw: object) -> retrieval_worker_pb2.SearchRequest:
+            fields: dict[str, object] = dict(
+                collection="streamed", queries=from_numpy("queries", x[call_id : call_id + 1]),
+                k=3, nprobe=16, omit_hits=True, call_id=call_id,
+            )
+            fields.update(kw)
+            return retrieval_worker_pb2.SearchRequest(**fields)  # type: ignore[arg-type]
+
+        past = int(time.time() * 1000) - 1000
+        calls = [req(i) for i in range(1, 6)] + [
+            req(6, collection="nope"), req(7, deadline_unix_ms=past), req(8, k=0)
+        ]
+
+        async def gen() -> AsyncIterator[retrieval_worker_pb2.SearchCalls]:
+            yield retrieval_worker_pb2.SearchCalls(calls=calls[:3])
+            yield retrieval_worker_pb2.SearchCalls(calls=calls[3:])
+
+        answers = {
+            a.call_id: a
+            async for message in stub.SearchStream(gen(), timeout=10)
+            for a in message.answers
+        }
+        await channel.close()
+    assert sorted(answers) == list(range(1, 9))
+    for i in range(1, 6):
+        assert not answers[i].error_code and to_numpy(answers[i].ids)[0, 0] == i
+    assert answers[6].error_code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "nope" in answers[6].error_message
+    assert answers[7].error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert answers[8].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "k must be" in answers[8].error_message

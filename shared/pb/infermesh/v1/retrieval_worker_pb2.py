@@ -25,31 +25,39 @@ _sym_db = _symbol_database.Default()
 from shared.pb.infermesh.v1 import common_pb2 as infermesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#infermesh/v1/retrieval_worker.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\xac\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12%\n\x07queries\x18\x02 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06nprobe\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x11\n\tomit_hits\x18\x08 \x01(\x08\"\x9b\x01\n\x0eSearchResponse\x12$\n\x06scores\x18\x01 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12!\n\x03ids\x18\x02 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12\x1f\n\x04hits\x18\x03 \x03(\x0b\x32\x11.infermesh.v1.Hit\x12\x0f\n\x07\x65xec_ms\x18\x04 \x01(\x01\x12\x0e\n\x06worker\x18\x05 \x01(\t\"\x83\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05nlist\x18\x04 \x01(\r\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\x12\x17\n\x0flists_per_block\x18\x06 \x01(\r\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc8\x02\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05nlist\x18\x04 \x01(\r\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x07 \x01(\r\x12\x18\n\x10last_applied_seq\x18\x08 \x01(\x04\x12?\n\ntier_bytes\x18\t \x03(\x0b\x32+.infermesh.v1.CollectionInfo.TierBytesEntry\x12\x0f\n\x07trained\x18\n \x01(\x08\x12\x17\n\x0flists_per_block\x18\x0b \x01(\r\x12\x0f\n\x07workers\x18\x0c \x03(\t\x1a\x30\n\x0eTierBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xe9\x02\n\x0fRetrievalWorker\x12\x43\n\x06Search\x12\x1b.infermesh.v1.SearchRequest\x1a\x1c.infermesh.v1.SearchResponse\x12W\n\x10\x43reateCollection\x12%.infermesh.v1.CreateCollectionRequest\x1a\x1c.infermesh.v1.CollectionInfo\x12[\n\x0e\x44ropCollection\x12#.infermesh.v1.DropCollectionRequest\x1a$.infermesh.v1.DropCollectionResponse\x12[\n\x12\x44\x65scribeCollection\x12\'.infermesh.v1.DescribeCollectionRequest\x1a\x1c.infermesh.v1.CollectionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#infermesh/v1/retrieval_worker.proto\x12\x0cinfermesh.v1\x1a\x19infermesh/v1/common.proto\"\xd2\x02\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12%\n\x07queries\x18\x02 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06nprobe\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x03(\r\x12\x10\n\x08\x62\x61tch_id\x18\x06 \x01(\t\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x11\n\tomit_hits\x18\x08 \x01(\x08\x12\x0f\n\x07\x63\x61ll_id\x18\t \x01(\x04\x12\x44\n\rtrace_context\x18\n \x03(\x0b\x32-.infermesh.v1.SearchRequest.TraceContextEntry\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x0b \x01(\x04\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x0eSearchResponse\x12$\n\x06scores\x18\x01 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12!\n\x03ids\x18\x02 \x01(\x0b\x32\x14.infermesh.v1.Tensor\x12\x1f\n\x04hits\x18\x03 \x03(\x0b\x32\x11.infermesh.v1.Hit\x12\x0f\n\x07\x65xec_ms\x18\x04 \x01(\x01\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x15\n\rerror_message\x18\x08 \x01(\t\"9\n\x0bSearchCalls\x12*\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1b.infermesh.v1.SearchRequest\">\n\rSearchAnswers\x12-\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1c.infermesh.v1.SearchResponse\"\x83\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05nlist\x18\x04 \x01(\r\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\x12\x17\n\x0flists_per_block\x18\x06 \x01(\r\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse\")\n\x19\x44\x65scribeCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc8\x02\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\r\n\x05nlist\x18\x04 \x01(\r\x12\x15\n\rstorage_dtype\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x07 \x01(\r\x12\x18\n\x10last_applied_seq\x18\x08 \x01(\x04\x12?\n\ntier_bytes\x18\t \x03(\x0b\x32+.infermesh.v1.CollectionInfo.TierBytesEntry\x12\x0f\n\x07trained\x18\n \x01(\x08\x12\x17\n\x0flists_per_block\x18\x0b \x01(\r\x12\x0f\n\x07workers\x18\x0c \x03(\t\x1a\x30\n\x0eTierBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xb5\x03\n\x0fRetrievalWorker\x12\x43\n\x06Search\x12\x1b.infermesh.v1.SearchRequest\x1a\x1c.infermesh.v1.SearchResponse\x12J\n\x0cSearchStream\x12\x19.infermesh.v1.SearchCalls\x1a\x1b.infermesh.v1.SearchAnswers(\x01\x30\x01\x12W\n\x10\x43reateCollection\x12%.infermesh.v1.CreateCollectionRequest\x1a\x1c.infermesh.v1.CollectionInfo\x12[\n\x0e\x44ropCollection\x12#.infermesh.v1.DropCollectionRequest\x1a$.infermesh.v1.DropCollectionResponse\x12[\n\x12\x44\x65scribeCollection\x12\'.infermesh.v1.DescribeCollectionRequest\x1a\x1c.infermesh.v1.CollectionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'infermesh.v1.retrieval_worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_COLLECTIONINFO_TIERBYTESENTRY']._loaded_options = None
   _globals['_COLLECTIONINFO_TIERBYTESENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHREQUEST']._serialized_start=81
-  _globals['_SEARCHREQUEST']._serialized_end=253
-  _globals['_SEARCHRESPONSE']._serialized_start=256
-  _globals['_SEARCHRESPONSE']._serialized_end=411
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=414
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=545
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=547
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=584
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=586
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=610
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=612
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=653
-  _globals['_COLLECTIONINFO']._serialized_start=656
-  _globals['_COLLECTIONINFO']._serialized_end=984
-  _globals['_COLLECTIONINFO_TIERBYTESENTRY']._serialized_start=936
-  _globals['_COLLECTIONINFO_TIERBYTESENTRY']._serialized_end=984
-  _globals['_RETRIEVALWORKER']._serialized_start=987
-  _globals['_RETRIEVALWORKER']._serialized_end=1348
+  _globals['_SEARCHREQUEST']._serialized_end=419
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_start=368
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_end=419
+  _globals['_SEARCHRESPONSE']._serialized_start=422
+  _globals['_SEARCHRESPONSE']._serialized_end=637
+  _globals['_SEARCHCALLS']._serialized_start=639
+  _globals['_SEARCHCALLS']._serialized_end=696
+  _globals['_SEARCHANSWERS']._serialized_start=698
+  _globals['_SEARCHANSWERS']._serialized_end=760
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=763
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=894
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=896
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=933
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=935
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=959
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=961
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=1002
+  _globals['_COLLECTIONINFO']._serialized_start=1005
+  _globals['_COLLECTIONINFO']._serialized_end=1333
+  _globals['_COLLECTIONINFO_TIERBYTESENTRY']._serialized_start=1285
+  _globals['_COLLECTIONINFO_TIERBYTESENTRY']._serialized_end=1333
+  _globals['_RETRIEVALWORKER']._serialized_start=1336
+  _globals['_RETRIEVALWORKER']._serialized_end=1773
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "nprobe", "blocks", "batch_id", "queue_ms", "omit_hits")
+    __slots__ = ("collection", "queries", "k", "nprobe", "blocks", "batch_id", "queue_ms", "omit_hits", "call_id", "trace_context", "deadline_unix_ms")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +24,9 @@ class SearchRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     OMIT_HITS_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Tensor
     k: int
@@ -25,21 +35,42 @@ class SearchRequest(_message.Message):
     batch_id: str
     queue_ms: float
     omit_hits: bool
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., batch_id: _Optional[str] = ..., queue_ms: _Optional[float] = ..., omit_hits: _Optional[bool] = ...) -> None: ...
+    call_id: int
+    trace_context: _containers.ScalarMap[str, str]
+    deadline_unix_ms: int
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., batch_id: _Optional[str] = ..., queue_ms: _Optional[float] = ..., omit_hits: _Optional[bool] = ..., call_id: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("scores", "ids", "hits", "exec_ms", "worker")
+    __slots__ = ("scores", "ids", "hits", "exec_ms", "worker", "call_id", "error_code", "error_message")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     EXEC_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     scores: _common_pb2.Tensor
     ids: _common_pb2.Tensor
     hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
     exec_ms: float
     worker: str
-    def __init__(self, scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ...) -> None: ...
+    call_id: int
+    error_code: int
+    error_message: str
+    def __init__(self, scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., exec_ms: _Optional[float] = ..., worker: _Optional[str] = ..., call_id: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class SearchCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class SearchAnswers(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, answers: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name", "dim", "metric", "nlist", "storage_dtype", "lists_per_block")

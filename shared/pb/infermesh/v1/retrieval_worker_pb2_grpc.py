@@ -40,6 +40,11 @@ class RetrievalWorkerStub:
                 request_serializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchRequest.SerializeToString,
                 response_deserializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/infermesh.v1.RetrievalWorker/SearchStream',
+                request_serializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchCalls.SerializeToString,
+                response_deserializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchAnswers.FromString,
+                _registered_method=True)
         self.CreateCollection = channel.unary_unary(
                 '/infermesh.v1.RetrievalWorker/CreateCollection',
                 request_serializer=infermesh_dot_v1_dot_retrieval__worker__pb2.CreateCollectionRequest.SerializeToString,
@@ -63,6 +68,15 @@ class RetrievalWorkerServicer:
 
     def Search(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """Searches over one long-lived stream (one per batcher and worker), matched by call_id;
+        a search that fails answers inline with error_code. The data path uses this; as the
+        other hops, each message carries every search queued during the previous write.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,6 +106,11 @@ def add_RetrievalWorkerServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchRequest.FromString,
                     response_serializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchCalls.FromString,
+                    response_serializer=infermesh_dot_v1_dot_retrieval__worker__pb2.SearchAnswers.SerializeToString,
             ),
             'CreateCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCollection,
@@ -137,6 +156,33 @@ class RetrievalWorker:
             '/infermesh.v1.RetrievalWorker/Search',
             infermesh_dot_v1_dot_retrieval__worker__pb2.SearchRequest.SerializeToString,
             infermesh_dot_v1_dot_retrieval__worker__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/infermesh.v1.RetrievalWorker/SearchStream',
+            infermesh_dot_v1_dot_retrieval__worker__pb2.SearchCalls.SerializeToString,
+            infermesh_dot_v1_dot_retrieval__worker__pb2.SearchAnswers.FromString,
             options,
             channel_credentials,
             insecure,
