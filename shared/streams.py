@@ -10,7 +10,8 @@ Messages are bundles (``SubmitCalls``/``SubmitAnswers``, ...): a caller sends, i
 every call that queued while its previous write was in flight, and a server answers, in one
 message, every call that finished meanwhile. Nothing waits on a timer, so one call alone
 goes at once; under load a stream message (a write, a read, a poller wake-up at each end)
-is paid once for many calls. A bundle stays under ``BUNDLE_BYTES``; a larger call goes alone.
+is paid once for many calls. A bundle stays under ``bundle_budget(max_message_bytes)``; a
+larger call goes alone.
 
 What a stream has no room for travels in each call: the deadline (``deadline_unix_ms`` of
 each item; the receiver refuses expired work), the trace context (``trace_context``, W3C
@@ -71,9 +72,15 @@ CLOSING = 0
 
 _EMPTY = object()
 
-#: Calls (answers) packed into one stream message stop growing past this many bytes: far
-#: under any message limit, and big enough that small calls always share.
+#: Calls (answers) packed into one stream message stop growing past this many bytes (or
+#: half the gRPC message limit, when that is smaller): big enough that small calls share.
 BUNDLE_BYTES = 4 << 20
+
+
+def bundle_budget(max_message_bytes: int) -> int:
+    """Bytes of calls one bundle may carry under a gRPC message limit (a call alone may not
+    fit it anyway: then it fails as it would unbundled)."""
+    return max(1, min(BUNDLE_BYTES, max_message_bytes // 2))
 
 
 class PeerGone(InfermeshError):
@@ -117,10 +124,12 @@ class CallStream(Generic[Req, Resp]):
         method: str,
         hop: str,
         tracing: bool = False,
+        max_bytes: int = BUNDLE_BYTES,
     ) -> None:
         self.endpoint = endpoint
         self._open_call = open
         self._bundle = bundle
+        self._max_bytes = max_bytes
         self._method = method
         self._hop = hop
         self._tracing = tracing
@@ -132,7 +141,7 @@ class CallStream(Generic[Req, Resp]):
         live = self._live
         if live is None:
             outbox: asyncio.Queue[Any] = asyncio.Queue()
-            calls = _bundles(outbox, lambda batch: self._bundle(calls=batch))
+            calls = _bundles(outbox, lambda batch: self._bundle(calls=batch), self._max_bytes)
             live = _Open(call=self._open_call(calls), outbox=outbox)
             live.reader = asyncio.get_running_loop().create_task(
                 self._read(live), name=f"stream {self._method} {self.endpoint}"
@@ -259,6 +268,7 @@ class Streams(Generic[Req, Resp]):
                 self._method,
                 self._hop,
                 tracing=self._channels.transport.tracing,
+                max_bytes=bundle_budget(self._channels.transport.max_message_bytes),
             )
         return stream
 
@@ -275,7 +285,7 @@ def _stream_failure(err: grpc.aio.AioRpcError, endpoint: str, hop: str) -> Excep
 
 
 async def _bundles(
-    outbox: asyncio.Queue[Any], bundle: Callable[[list[Any]], Any]
+    outbox: asyncio.Queue[Any], bundle: Callable[[list[Any]], Any], max_bytes: int
 ) -> AsyncIterator[Any]:
     """The stream's messages: each takes every call queued by then (None in the outbox ends it).
 
@@ -291,14 +301,16 @@ async def _bundles(
                 ended = True
                 break
             calls.append(call)
-        for message in packed(calls, bundle):
+        for message in packed(calls, bundle, max_bytes):
             yield message
         if ended:
             return
 
 
-def packed(messages: list[Any], bundle: Callable[[list[Any]], Any]) -> Iterator[Any]:
-    """messages in order, as few bundles as keep each under BUNDLE_BYTES (one over it alone)."""
+def packed(
+    messages: list[Any], bundle: Callable[[list[Any]], Any], max_bytes: int = BUNDLE_BYTES
+) -> Iterator[Any]:
+    """messages in order, as few bundles as keep each under max_bytes (one over it alone)."""
     if len(messages) == 1:
         yield bundle(messages)
         return
@@ -306,7 +318,7 @@ def packed(messages: list[Any], bundle: Callable[[list[Any]], Any]) -> Iterator[
     size = 0
     for m in messages:
         n = m.ByteSize()
-        if batch and size + n > BUNDLE_BYTES:
+        if batch and size + n > max_bytes:
             yield bundle(batch)
             batch, size = [], 0
         batch.append(m)
@@ -338,12 +350,14 @@ async def answer_concurrently(
     closing: Callable[[], Out] | None = None,
     per_message: PerMessage | None = None,
     bundle: Callable[..., Any] | None = None,
+    bundle_bytes: int = BUNDLE_BYTES,
 ) -> AsyncIterator[Any]:
     """Serve a bidi stream: every request runs concurrently, answers go out as they finish.
 
     With ``bundle`` (e.g. ``SubmitAnswers``) each incoming message is a bundle of calls (field
     ``calls``) and every answer ready when the stream can write goes out in one bundle
-    (``bundle(answers=[...])``); without it, one request and one answer per message.
+    (``bundle(answers=[...])``, at most ``bundle_bytes`` of answers unless one is larger);
+    without it, one request and one answer per message.
 
     ``error_reply`` turns one request's failure into an inline answer (the stream stays open);
     when it returns None the error ends the stream instead (it reaches the ErrorInterceptor).
@@ -422,7 +436,7 @@ async def answer_concurrently(
                 item = out.get_nowait() if not out.empty() else _EMPTY
                 if item is _EMPTY:
                     break
-            for message in packed(answers, lambda batch: bundle(answers=batch)):
+            for message in packed(answers, lambda batch: bundle(answers=batch), bundle_bytes):
                 yield message
             if failure is not None:
                 # A failure that ends the stream goes after the answers before it.

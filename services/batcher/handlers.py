@@ -23,6 +23,8 @@ class Queues:
     """What the servicer needs from the app: a queue per target and the default timeout."""
 
     default_timeout_s: float = 30.0
+    #: Answers packed into one SubmitStream message at most (streams.bundle_budget).
+    bundle_bytes: int = streams.BUNDLE_BYTES
     #: Set when the batcher drains: open SubmitStreams tell the router to go elsewhere.
     draining: asyncio.Event
 
@@ -97,6 +99,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
             closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
             bundle=batcher_pb2.SubmitAnswers,
+            bundle_bytes=self._queues.bundle_bytes,
         ):
             yield reply
 

@@ -94,8 +94,10 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         worker: str,
         publish: Callable[[str, Event], Awaitable[None]],
         draining: asyncio.Event | None = None,
+        bundle_bytes: int = streams.BUNDLE_BYTES,
     ) -> None:
         self.models = models
+        self._bundle_bytes = bundle_bytes
         self.worker = worker
         self._observations = Observations(publish, worker)
         self._draining = draining
@@ -124,6 +126,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             closing=lambda: inference_worker_pb2.ExecuteResponse(call_id=streams.CLOSING),
             per_message=EXECUTE,
             bundle=inference_worker_pb2.ExecuteAnswers,
+            bundle_bytes=self._bundle_bytes,
         ):
             yield reply
 

@@ -152,6 +152,7 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
             closing=lambda: retrieval_worker_pb2.SearchResponse(call_id=streams.CLOSING),
             per_message=SEARCH,
             bundle=retrieval_worker_pb2.SearchAnswers,
+            bundle_bytes=streams.bundle_budget(self._cfg.max_message_bytes),
         ):
             yield reply
 

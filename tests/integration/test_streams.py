@@ -34,6 +34,7 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
         self.ran: list[str] = []
         self.messages_in = 0
         self.messages_out = 0
+        self.bundle_bytes = streams.BUNDLE_BYTES
 
     async def _one(self, req: batcher_pb2.SubmitRequest) -> batcher_pb2.SubmitResponse:
         if req.target == "bad":
@@ -63,6 +64,7 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
             closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
             bundle=batcher_pb2.SubmitAnswers,
+            bundle_bytes=self.bundle_bytes,
         ):
             self.messages_out += 1
             yield reply
@@ -123,17 +125,59 @@ async def test_calls_that_queue_together_share_a_message_each_way(served) -> Non
     assert servicer.messages_out - before_out <= 10
 
 
-def test_a_bundle_stays_under_its_byte_budget_and_a_big_call_goes_alone(monkeypatch) -> None:
+def test_a_bundle_stays_under_its_byte_budget_and_a_big_call_goes_alone() -> None:
     small = [submit(f"s{i}") for i in range(5)]
     assert small[0].ByteSize() == 9
-    monkeypatch.setattr(streams, "BUNDLE_BYTES", 30)  # three small calls fit, not four
     big = batcher_pb2.SubmitRequest(target="t", item=common_pb2.WorkItem(request_id="x" * 400))
-    bundles = list(
-        streams.packed([*small, big, small[0]], lambda b: batcher_pb2.SubmitCalls(calls=b))
+    bundles = list(  # a budget of 30 bytes: three small calls fit, not four
+        streams.packed([*small, big, small[0]], lambda b: batcher_pb2.SubmitCalls(calls=b), 30)
     )
+    # under a gRPC limit, a bundle takes at most half of it
+    assert streams.bundle_budget(1 << 20) == 1 << 19
+    assert streams.bundle_budget(1 << 30) == streams.BUNDLE_BYTES
     assert [len(b.calls) for b in bundles] == [3, 2, 1, 1]
     order = [c.item.request_id for b in bundles for c in b.calls]
     assert order == [*(f"s{i}" for i in range(5)), "x" * 400, "s0"]
+
+
+async def test_bundles_stay_under_a_small_grpc_message_limit() -> None:
+    limit = 64 * 1024
+    servicer = Delayed()
+    servicer.bundle_bytes = streams.bundle_budget(limit)  # answers echo the big request ids
+    server, port, _ = rpc.create_server(
+        "stream-test",
+        "127.0.0.1",
+        0,
+        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
+        ["infermesh.v1.Batcher"],
+        max_message_bytes=limit,
+        tracing=False,
+    )
+    await server.start()
+    channels = rpc.Channels(rpc.Transport(max_message_bytes=limit, tracing=False))
+    pool: streams.Streams = streams.Streams(
+        channels,
+        batcher_pb2_grpc.BatcherStub,
+        "SubmitStream",
+        batcher_pb2.SubmitCalls,
+        "infermesh.v1.Batcher/Submit",
+        "batcher",
+    )
+    stream = pool.get(f"127.0.0.1:{port}")
+    try:
+        # Each call is 60 % of the limit: two in one message would be refused by gRPC.
+        calls = [
+            batcher_pb2.SubmitRequest(
+                target="t", item=common_pb2.WorkItem(request_id=f"{i:02d}" + "x" * 39_000)
+            )
+            for i in range(6)
+        ]
+        replies = await asyncio.gather(*(stream.call(c, timeout=5) for c in calls))
+    finally:
+        await channels.close()
+        await server.stop(0)
+    assert [r.result.request_id[:2] for r in replies] == [f"{i:02d}" for i in range(6)]
+    assert servicer.messages_in >= 6 and servicer.messages_out >= 6
 
 
 async def test_an_error_comes_back_inline_and_the_stream_keeps_serving(served) -> None:
