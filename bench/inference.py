@@ -3,7 +3,8 @@
 Raw: the built `minilm-l6` graph in one onnxruntime session, 32-token inputs, at batch
 1/8/32/64: one run at a time on all cores, and two runs at once on half the cores each (the
 worker's ``instances: 2``); the best of every raw row is the bar. Mesh: client -> router ->
-batcher -> inference worker (processes), one 32-token text per request, closed loop at
+batcher -> inference worker (processes), one 32-token text per request (a unary
+Router.Infer each, and again multiplexed on one Router.InferStream), closed loop at
 concurrency 1/8/32. Same texts, same machine, one run. Goal (issue 3): mesh throughput at
 c=32 >= 0.85x the raw best-batch throughput, with p99 within the model's SLO.
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu_inference import make_texts  # noqa: E402
 from bench.loadgen import closed_loop, machine, table  # noqa: E402
 from shared.cli.supervisor import LocalMesh  # noqa: E402
-from shared.client import AsyncClient  # noqa: E402
+from shared.client import AsyncClient, InferStream  # noqa: E402
 
 MODEL = "minilm-l6"
 
@@ -85,22 +86,31 @@ def raw_ort(
 
 
 async def through_mesh(
-    router: str, texts: list[str], levels: list[int], seconds: float
+    router: str, texts: list[str], levels: list[int], seconds: float, stream: bool = False
 ) -> list[dict]:
+    """Closed loop at each level: a unary Router.Infer per request, or (``stream``) all the
+    level's requests multiplexed on one Router.InferStream (``AsyncClient.stream``)."""
     rows = []
     async with AsyncClient(router) as client:
         await client.infer(MODEL, texts=texts[:1], timeout=60)  # warm the worker
         for c in levels:
-            async def call(cursor: dict[str, int] = {"i": 0}) -> object:  # noqa: B006 - per level
+            caller = client.stream() if stream else client
+
+            async def call(
+                cursor: dict[str, int] = {"i": 0},  # noqa: B006 - one cursor per level
+                caller: AsyncClient | InferStream = caller,
+            ) -> object:
                 cursor["i"] += 1
-                return await client.infer(
+                return await caller.infer(
                     MODEL, texts=[texts[cursor["i"] % len(texts)]], timeout=30
                 )
 
             run = await closed_loop("mesh", call, c, seconds, warmup_s=2.0)
+            if isinstance(caller, InferStream):
+                await caller.close()
             rows.append(
                 {
-                    "path": "mesh Router.Infer",
+                    "path": "mesh Router.InferStream" if stream else "mesh Router.Infer",
                     "batch_or_c": c,
                     "sentences_per_s": round(run.throughput, 1),
                     "p50_ms": round(run.pct(50), 2),
@@ -135,27 +145,28 @@ def main() -> int:
             service_env={"inference-worker": env},
         ) as mesh:
             mesh.start()
-            mesh_rows = asyncio.run(
-                through_mesh(
-                    mesh.router_address, texts, [int(c) for c in ns.levels.split(",")], ns.seconds
-                )
+            levels = [int(c) for c in ns.levels.split(",")]
+            mesh_rows = asyncio.run(through_mesh(mesh.router_address, texts, levels, ns.seconds))
+            mesh_rows += asyncio.run(
+                through_mesh(mesh.router_address, texts, levels, ns.seconds, stream=True)
             )
     rows = raw + mesh_rows
     print(f"MiniLM-L6 (onnx backend), 32-token texts; {machine()}")
     print(table(rows))
     best = max(r["sentences_per_s"] for r in raw)
     verdicts = []
-    top = max((r for r in mesh_rows), key=lambda r: r["batch_or_c"])
-    ratio = top["sentences_per_s"] / best
     slo = json.loads((ROOT / "models" / MODEL / "config.json").read_text())["slo_ms"]
-    verdicts.append(
-        f"mesh c={top['batch_or_c']} / raw best batch: {ratio:.2f}x (goal >= 0.85): "
-        + ("OK" if ratio >= 0.85 else "MISS")
-    )
-    verdicts.append(
-        f"mesh c={top['batch_or_c']} p99 {top['p99_ms']} ms vs SLO {slo} ms: "
-        + ("OK" if float(top["p99_ms"]) <= slo else "MISS")
-    )
+    for path in ("mesh Router.Infer", "mesh Router.InferStream"):
+        top = max((r for r in mesh_rows if r["path"] == path), key=lambda r: r["batch_or_c"])
+        ratio = top["sentences_per_s"] / best
+        verdicts.append(
+            f"{path} c={top['batch_or_c']} / raw best batch: {ratio:.2f}x (goal >= 0.85): "
+            + ("OK" if ratio >= 0.85 else "MISS")
+        )
+        verdicts.append(
+            f"{path} c={top['batch_or_c']} p99 {top['p99_ms']} ms vs SLO {slo} ms: "
+            + ("OK" if float(top["p99_ms"]) <= slo else "MISS")
+        )
     print("\n".join(verdicts))
     if ns.json:
         result: dict[str, Any] = {"machine": machine(), "rows": rows, "verdicts": verdicts}

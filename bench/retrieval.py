@@ -49,9 +49,7 @@ from services.retrieval_worker import bulk
 from services.retrieval_worker.manifest import CENTROIDS_NAME, CollectionSpec
 from shared.cli.ingest import Ingester
 from shared.cli.supervisor import LocalMesh
-from shared.client import AsyncClient, Client, build_request
-from shared.pb.infermesh.v1 import router_pb2
-from shared.tensors import to_numpy
+from shared.client import AsyncClient, Client
 
 NAME = "bench"
 #: nprobe, batch, recalls (raw, req, conc, strm), then QPS of raw, req, conc, strm.
@@ -161,37 +159,6 @@ def req_pass(client: Client, xq: np.ndarray, k: int, nprobe: int, batch: int) ->
 Search1 = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
-class StreamSearch:
-    """Single-query searches multiplexed on one Router.InferStream, matched by request_id."""
-
-    def __init__(self, client: AsyncClient) -> None:
-        self._call = client.stub.InferStream()
-        self._waiting: dict[str, asyncio.Future[router_pb2.InferResponse]] = {}
-        self._write = asyncio.Lock()  # grpc.aio allows one pending write per stream
-        self._seq = 0
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        async for reply in self._call:  # type: ignore[attr-defined]
-            self._waiting.pop(reply.request_id).set_result(reply)
-
-    async def infer(self, request: router_pb2.InferRequest) -> router_pb2.InferResponse:
-        """Send one request on the stream and wait for its answer."""
-        self._seq += 1
-        request.request_id = str(self._seq)
-        future = self._waiting[request.request_id] = asyncio.get_running_loop().create_future()
-        async with self._write:
-            await self._call.write(request)  # type: ignore[attr-defined]
-        reply = await future
-        if reply.error_code:
-            raise RuntimeError(reply.error_message)
-        return reply
-
-    async def close(self) -> None:
-        await self._call.done_writing()  # type: ignore[attr-defined]
-        await self._reader
-
-
 async def conc_pass(search: Search1, xq: np.ndarray, k: int, inflight: int) -> np.ndarray:
     """``inflight`` single-query requests in flight at once; ids in query order."""
     ids = np.full((len(xq), k), -1, dtype=np.int64)
@@ -211,22 +178,19 @@ async def conc_timed(
     """Concurrent single queries (unary Infer calls, or one InferStream): whole passes until
     ``min_s``; first-pass ids and QPS."""
     async with AsyncClient(router) as client:
-        multiplexed = StreamSearch(client) if stream else None
+        multiplexed = client.stream() if stream else None
 
         async def search(q: np.ndarray) -> np.ndarray:
-            request = build_request(
+            result = await (multiplexed or client).infer(
                 pipeline="search",
                 collection=NAME,
                 k=k,
                 nprobe=nprobe,
                 omit_hits=True,
                 inputs={"query": q},
+                timeout=60,
             )
-            if multiplexed is not None:
-                reply = await multiplexed.infer(request)
-            else:
-                reply = await client.stub.Infer(request, timeout=60)
-            return to_numpy(next(t for t in reply.outputs if t.name == "ids"))[0]
+            return result.outputs["ids"][0]
 
         await conc_pass(search, xq[:inflight], k, inflight)  # warm the channel
         t = time.perf_counter()

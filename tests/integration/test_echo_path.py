@@ -143,6 +143,35 @@ async def test_the_stream_variant_answers_every_request_with_errors_inline(
     assert replies["r7"].outputs[0].strings == [b"t7"]
 
 
+async def test_the_client_stream_gives_each_concurrent_request_its_own_answer_or_error(
+    nats_server, tmp_path: Path
+) -> None:
+    async with echo_mesh(nats_server.url, tmp_path) as mesh:
+        async with AsyncClient(mesh["router"].endpoint) as client:
+            await eventually(lambda: ready(client), what="mesh ready")
+            arrays = [np.random.default_rng(i).random((1, 16), dtype=np.float32) for i in range(40)]
+            async with client.stream() as stream:
+                results = await asyncio.gather(
+                    *(stream.infer("echo", {"INPUT0": a}) for a in arrays),
+                    stream.infer("missing", texts=["x"]),
+                    return_exceptions=True,
+                )
+                first, second = await asyncio.gather(
+                    stream.infer("echo", texts=["a"], request_id="same"),
+                    stream.infer("echo", texts=["b"], request_id="same"),
+                    return_exceptions=True,
+                )
+                after = await stream.infer("echo", texts=["still open"], request_id="same")
+    *answers, missing = results
+    for a, r in zip(arrays, answers, strict=True):
+        np.testing.assert_array_equal(r.outputs["OUTPUT0"], a)
+    assert isinstance(missing, RPCError) and missing.status == grpc.StatusCode.NOT_FOUND
+    assert "missing" in str(missing)
+    assert [t.decode() for t in first.outputs["TEXT"]] == ["a"]  # type: ignore[union-attr]
+    assert isinstance(second, ValueError) and "already in flight" in str(second)
+    assert [t.decode() for t in after.outputs["TEXT"]] == ["still open"]
+
+
 async def test_services_retry_until_nats_is_reachable(nats_server, tmp_path: Path) -> None:
     nats_server.stop()
     connecting = asyncio.get_running_loop().create_task(Bus.connect(nats_server.url, name="late"))
