@@ -160,7 +160,7 @@ def main() -> int:
         top = max((r for r in mesh_rows if r["path"] == path), key=lambda r: r["batch_or_c"])
         ratio = top["sentences_per_s"] / best
         verdicts.append(
-            f"{path} c={top['batch_or_c']} / raw best batch: {ratio:.2f}x (goal >= 0.85): "
+            f"{path} c={top['batch_or_c']} / raw best batch: {ratio:.3f}x (goal >= 0.85): "
             + ("OK" if ratio >= 0.85 else "MISS")
         )
         verdicts.append(
