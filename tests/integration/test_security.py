@@ -89,7 +89,9 @@ def nats_with_password(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 async def test_nats_user_and_password_are_required_and_used(nats_with_password) -> None:
-    with pytest.raises(ConnectionError, match=r"(?i)authorization"):
+    # nats-server answers -ERR 'Authorization Violation' and closes; the client sometimes
+    # reads the reset before the error line (seen once in CI). Either way: refused.
+    with pytest.raises(ConnectionError, match=r"(?i)authorization|connection reset"):
         await Bus.connect(nats_with_password.url, name="intruder", attempts=1)
     bus = await Bus.connect(
         nats_with_password.url, name="ok", attempts=2, auth=NatsAuth(user="mesh", password="s3cret")
