@@ -16,8 +16,9 @@ Two laws, compared in ``bench/batching.py``:
   largest cap n whose worst case under saturation fits the target. With every dispatch slot
   busy a request waits for one running batch to finish and then runs in the next, so the
   worst case is ``delay + 2·exec_p99(n)``. The rest of the budget becomes max_delay (capped
-  at 5% of the SLO). The cap never exceeds twice the largest batch measured and never falls
-  below half the current cap in one decision, so each step is judged on its own window. A
+  at 5% of the SLO). The cap never grows past twice the largest batch measured (small
+  batches at low load do not shrink it, though: only the target does) and never falls below
+  half the current cap in one decision, so each step is judged on its own window. A
   multiplicative correction on the target closes the loop when the model is wrong (p99 over
   SLO while nothing queued longer than the model allows).
 
@@ -286,7 +287,11 @@ def fitted(
         correction = min(1.0, correction * 1.05)
     target = slo * tuning.headroom * correction
     ceiling = min(limits.model_max_batch, 2 * line.max_size)
-    n = line.largest(target / 2.0, ceiling)
+    # Grow at most to twice the largest batch measured (a bigger size is a guess). The sizes
+    # measured are no reason to shrink a cap, only the target is: at low load batches are
+    # small whatever the cap, and a cap cut to them would meet the next step in load short
+    # of capacity (seen with one batch at a time per worker: a cap of 6 against 300 req/s).
+    n = line.largest(target / 2.0, max(ceiling, min(max_batch, limits.model_max_batch)))
     # Down at most by half per decision (each step is judged on a fresh window), and never
     # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
     n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))

@@ -94,6 +94,21 @@ def test_the_fitted_law_grows_the_cap_at_most_to_twice_the_largest_batch_measure
     assert d is not None and d.max_batch_size == 16
 
 
+def test_small_batches_at_low_load_do_not_shrink_the_cap_below_what_the_target_allows() -> None:
+    # Low load: batches of 1-3 under a cap of 32, far inside the SLO. The target allows 30
+    # (80 ms = 2·(20 + 0.5·n)); the measured sizes alone (twice 3) would have cut it to 6,
+    # which one worker running a batch at a time could not carry at the next step in load.
+    obs = mixed([1, 2, 3, 1, 2, 1, 3, 2, 1, 2] * 2)
+    cap = 32
+    for _ in range(5):
+        d = law.fitted(cap, 1.0, law.summarize(obs), law.fit(obs), law.Limits(SLO, 128))
+        if d is None or d.code == "hold":
+            break
+        cap = d.max_batch_size
+    assert 25 <= cap <= 32
+    assert latency(cap, 0.0) <= 0.8 * SLO  # and it still meets the target
+
+
 def test_the_fitted_law_respects_the_model_max_batch_size() -> None:
     obs = mixed([1, 2, 4, 8] * 3)
     d = law.fitted(8, 1.0, law.summarize(obs), law.fit(obs), law.Limits(SLO, 16))
