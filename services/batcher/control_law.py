@@ -26,7 +26,10 @@ Two laws, compared in ``bench/batching.py``:
   is a backlog: arrivals outran the workers for a while. A smaller cap cannot shorten it,
   since smaller batches cost more per item, so a backlog never shrinks the target; when the
   batches are full as well, the cap is too small for the load (``overload``): the law grows
-  it, and the controller remembers the rate that cap delivered. The cap then never returns
+  it (if the fit says larger batches cost less per item: where the cost is all per item, as
+  for a one-thread ONNX run, a larger batch adds latency and no throughput, and a closed loop
+  that saturates the model would otherwise push the cap to the model's limit), and the
+  controller remembers the rate that cap delivered. The cap then never returns
   below the smallest size that carries the current rate with a margin
   (``throughput_floor``): a latency target that only tiny batches meet is not worth a queue
   that grows without bound, which is what happens when a cap cannot carry the load.
@@ -81,6 +84,9 @@ class Tuning:
     """The throughput floor keeps the load under this share of the capacity it expects."""
     full_share: float = 0.75
     """Batches this close to the cap count as full (multi-row requests leave gaps)."""
+    min_batch_gain: float = 0.05
+    """Over capacity, a larger cap is worth its latency only if the fit says its items cost
+    at least this share less each (a model whose cost is all per item gains nothing)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,23 @@ class Fit:
 
     def exec_p99(self, n: int) -> float:
         return self.a + self.b * n + self.resid_p99
+
+    def per_item(self, n: int) -> float:
+        """Exec time per item in a batch of n."""
+        return max(self.a, 0.0) / max(n, 1) + max(self.b, 0.0)
+
+    def knee(self, limit: int, gain: float) -> int:
+        """Smallest n whose per-item cost is within ``gain`` of the cost at ``limit``: past
+        it, larger batches add latency for almost no throughput."""
+        a = max(self.a, 0.0)
+        if a <= 0:
+            return 1
+        room = (1.0 + gain) * self.per_item(limit) - max(self.b, 0.0)
+        return max(1, min(limit, math.ceil(a / room - 1e-9)))
+
+    def cheaper(self, n: int, m: int, gain: float) -> bool:
+        """Whether batches of m cost at least ``gain`` less per item than batches of n."""
+        return self.per_item(m) <= (1.0 - gain) * self.per_item(n)
 
     def largest(self, budget_ms: float, cap: int) -> int:
         """Largest n in [1, cap] with exec_p99(n) <= budget_ms (1 if none fits)."""
@@ -197,7 +220,11 @@ def throughput_floor(
         # The per-item cost a cap may have and still carry the rate with the margin.
         allowed = tuning.capacity_margin * capacity * (a / cap + b) / rate
         if allowed <= b:
-            return model_max_batch  # no cap carries it: the largest batches do best
+            # No cap carries it with the margin (or the load is a closed loop saturating
+            # the model, which looks the same): the largest batches do best, but past the
+            # knee of the cost curve only by a few percent, paid for in latency.
+            floor = max(floor, line.knee(model_max_batch, tuning.min_batch_gain))
+            continue
         if a > 0:
             floor = max(floor, math.ceil(a / (allowed - b) - 1e-9))
     return min(floor, model_max_batch)
@@ -253,6 +280,11 @@ def aimd(
     return None
 
 
+def ceiling_of(line: Fit, limits: Limits) -> int:
+    """The largest cap the fit vouches for: twice the largest batch measured."""
+    return min(limits.model_max_batch, 2 * line.max_size)
+
+
 def fitted(
     max_batch: int,
     max_delay_ms: float,
@@ -277,6 +309,9 @@ def fitted(
     # batches full as well, the cap is what holds throughput back: grow it.
     backlog = stats.queue_p99_ms > max_delay_ms + stats.exec_p99_ms
     overload = backlog and stats.size_p50 >= tuning.full_share * max_batch
+    # Growing the cap wins throughput only where larger batches cost less per item.
+    grows = line.cheaper(max_batch, min(ceiling_of(line, limits), 2 * max_batch),
+                         tuning.min_batch_gain)
     code = "fit"
     if stats.p99_ms > slo and not backlog:
         # At the floor a smaller target changes nothing now and only delays the recovery.
@@ -286,7 +321,7 @@ def fitted(
     elif stats.p99_ms < 0.6 * slo and correction < 1.0:
         correction = min(1.0, correction * 1.05)
     target = slo * tuning.headroom * correction
-    ceiling = min(limits.model_max_batch, 2 * line.max_size)
+    ceiling = ceiling_of(line, limits)
     # Grow at most to twice the largest batch measured (a bigger size is a guess). The sizes
     # measured are no reason to shrink a cap, only the target is: at low load batches are
     # small whatever the cap, and a cap cut to them would meet the next step in load short
@@ -295,7 +330,7 @@ def fitted(
     # Down at most by half per decision (each step is judged on a fresh window), and never
     # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
     n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))
-    if overload:
+    if overload and grows:
         # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
         # win it back, and larger batches are cheaper per item: never shrink, and grow
         # toward the model's limit (at most doubling, as always).

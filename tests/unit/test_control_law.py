@@ -184,6 +184,27 @@ def test_a_backlog_is_not_blamed_on_the_batch_size() -> None:
     assert d.code != "violation" and d.max_batch_size == 30
 
 
+def test_an_overload_does_not_grow_the_cap_when_larger_batches_cost_the_same_per_item() -> None:
+    # A model whose cost is all per item (exec = 1 + 7·n ms: a one-thread ONNX run), its
+    # queue built up with full batches of 8, as a closed loop saturating it looks. Larger
+    # batches would add latency and no throughput: the cap follows the target instead.
+    sizes = [1, 2, 4, 8] * 5
+    flat = [law.Observation(n, 1.0, 1.0 + 7.0 * n, float(i)) for i, n in enumerate(sizes)]
+    line = law.fit(flat)
+    assert line is not None and not line.cheaper(8, 16, law.Tuning().min_batch_gain)
+    queued = [law.Observation(8, 200.0, 57.0, float(i)) for i in range(20)]
+    d = law.fitted(8, 1.0, law.summarize(queued), line, law.Limits(150.0, 64))
+    assert d is not None and d.max_batch_size <= 8 and not d.reason.startswith("overload")
+    # ... and what that cap delivered sets no floor above the knee of the cost curve:
+    # batches of 3 cost within 5 % per item of batches of 64 here.
+    assert law.throughput_floor({8: 270.0}, 270.0, line, 64) == 3
+    # With a fixed cost per batch (exec = 20 + 0.5·n) the same evidence does grow it.
+    costly = law.fit(mixed([1, 2, 4, 8] * 5))
+    assert costly is not None and costly.cheaper(8, 16, law.Tuning().min_batch_gain)
+    d = law.fitted(8, 1.0, law.summarize(queued), costly, law.Limits(150.0, 64))
+    assert d is not None and d.max_batch_size == 16 and d.reason.startswith("overload")
+
+
 def test_an_overload_needs_full_batches() -> None:
     queued = [law.Observation(30, 400.0, 35.0, float(i)) for i in range(20)]
     d = law.fitted(
@@ -195,6 +216,19 @@ def test_an_overload_needs_full_batches() -> None:
         30, 1.0, law.summarize(half), law.fit(mixed([1, 2, 4, 8, 30])), law.Limits(SLO, 128)
     )
     assert d is not None and not d.overloaded
+
+
+def test_a_load_no_cap_carries_sets_the_floor_at_the_knee_of_the_cost_curve() -> None:
+    # exec = 3.4 + 7.8·n ms (a one-thread ONNX run): batches of 8 cost within 5 % per item
+    # of batches of 64, so a saturating load pins the cap at 8, not at the model's 64.
+    line = law.fit([law.Observation(n, 1.0, 3.4 + 7.8 * n, float(i))
+                    for i, n in enumerate([1, 2, 4, 8, 16] * 4)])
+    assert line is not None
+    assert law.throughput_floor({4: 230.0}, 240.0, line, 64) == 8
+    # exec = 20 + 0.5·n: the fixed cost dominates, the knee is near the model's limit.
+    costly = law.fit(mixed([1, 2, 4, 8, 16] * 4))
+    assert costly is not None
+    assert law.throughput_floor({4: 150.0}, 1500.0, costly, 128) >= 100
 
 
 def test_the_throughput_floor_follows_what_an_overloaded_cap_delivered() -> None:
