@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ FAST = {
     "batch_controller_window_s": 2.0,
     "batch_controller_lease_s": 1.5,
 }
+
+
+def costly_echo(tmp: Path) -> Path:
+    """A repository whose "echo" costs 2 + 1.5 ms per item: its 20 ms SLO bounds the cap
+    (2·exec(n) <= 0.7·20 ms: n <= 3), so the controller must change the spec's 64."""
+    config = json.loads((Path(__file__).parents[2] / "models" / "echo" / "config.json").read_text())
+    config["parameters"] = {"base_ms": 2.0, "per_item_ms": 1.5}
+    folder = tmp / "costly-models" / "echo"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder.parent
 
 
 def batcher(r: Running) -> Batcher:
@@ -96,7 +108,9 @@ def changes(target: str) -> float:
 async def test_two_batcher_replicas_converge_to_the_same_policy(
     nats_server, tmp_path: Path
 ) -> None:
-    worker = await start_worker(nats_server.url, tmp_path)
+    worker = await start_worker(
+        nats_server.url, tmp_path, model_repository=str(costly_echo(tmp_path))
+    )
     first = await start_batcher(nats_server.url, tmp_path, **FAST)
     second = await start_batcher(nats_server.url, tmp_path, **FAST)
     before = changes("echo")
