@@ -21,7 +21,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health
 
-from shared import metrics, rpc, telemetry
+from shared import metrics, rpc, streams, telemetry
 from shared.bus import Bus, NatsAuth
 from shared.config import CommonConfig
 from shared.events import Member
@@ -56,6 +56,8 @@ class Service:
         )
         #: Channels to peers (one per endpoint), with this process's TLS and options.
         self.channels = rpc.Channels(self.transport)
+        #: Answers a data-path stream server packs into one message at most.
+        self.bundle_bytes = streams.bundle_budget(config.max_message_bytes)
         self._health_server: grpc.aio.Server | None = None
         self.members: MemberView | None = None
         self._heartbeat: Heartbeat | None = None

@@ -44,7 +44,7 @@ from opentelemetry import propagate, trace
 from shared import metrics
 from shared.errors import DeadlineExceeded, InfermeshError, RPCError, status_of
 from shared.rpc import Channels, peer_unreachable, target_of
-from shared.status_codes import name_of
+from shared.status_codes import error_fields, name_of
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.streams")
@@ -69,8 +69,6 @@ Out = TypeVar("Out")
 
 #: call_id of the closing notice a draining server sends; callers number calls from 1.
 CLOSING = 0
-
-_EMPTY = object()
 
 #: Calls (answers) packed into one stream message stop growing past this many bytes (or
 #: half the gRPC message limit, when that is smaller): big enough that small calls share.
@@ -293,18 +291,22 @@ async def _bundles(
     during a write leaves together in the next one.
     """
     while (first := await outbox.get()) is not None:
-        calls = [first]
-        ended = False
-        while not outbox.empty():
-            call = outbox.get_nowait()
-            if call is None:
-                ended = True
-                break
-            calls.append(call)
+        calls, ended = _take_ready(outbox, first)
         for message in packed(calls, bundle, max_bytes):
             yield message
         if ended:
             return
+
+
+def _take_ready(queue: asyncio.Queue[Any], first: Any) -> tuple[list[Any], bool]:
+    """first and everything queued behind it now, and whether a None (the end) came next."""
+    items = [first]
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is None:
+            return items, True
+        items.append(item)
+    return items, False
 
 
 def packed(
@@ -339,33 +341,48 @@ class PerMessage:
     """The unary method the messages stand for, e.g. "infermesh.v1.Batcher/Submit"."""
     answer_code: Callable[[Any], int] = lambda _resp: 0
     """The wire status an answer carries inline (0 = OK)."""
+    answer: Callable[..., Any] | None = None
+    """The answer message type (with ``call_id``): a data-path stream's closing notice and,
+    unless the server gives its own, each failed call's inline error are built from it."""
+    bundle: Callable[..., Any] | None = None
+    """The answers envelope (e.g. ``SubmitAnswers``): incoming messages are bundles of calls
+    (field ``calls``) and answers go out bundled (field ``answers``). None: one each."""
 
 
 async def answer_concurrently(
     requests: AsyncIterator[In],
     handle: Callable[[In], Awaitable[Out]],
-    error_reply: Callable[[In, BaseException], Out | None],
+    error_reply: Callable[[In, BaseException], Out | None] | None = None,
     *,
     stopping: asyncio.Event | None = None,
-    closing: Callable[[], Out] | None = None,
     per_message: PerMessage | None = None,
-    bundle: Callable[..., Any] | None = None,
     bundle_bytes: int = BUNDLE_BYTES,
 ) -> AsyncIterator[Any]:
     """Serve a bidi stream: every request runs concurrently, answers go out as they finish.
 
-    With ``bundle`` (e.g. ``SubmitAnswers``) each incoming message is a bundle of calls (field
-    ``calls``) and every answer ready when the stream can write goes out in one bundle
-    (``bundle(answers=[...])``, at most ``bundle_bytes`` of answers unless one is larger);
-    without it, one request and one answer per message.
+    With ``per_message.bundle`` (e.g. ``SubmitAnswers``) each incoming message is a bundle of
+    calls (field ``calls``) and every answer ready when the stream can write goes out in one
+    bundle (at most ``bundle_bytes`` of answers unless one is larger); without it, one request
+    and one answer per message.
 
     ``error_reply`` turns one request's failure into an inline answer (the stream stays open);
     when it returns None the error ends the stream instead (it reaches the ErrorInterceptor).
-    Unexpected errors are logged with their traceback before becoming an inline answer.
-    When ``stopping`` is set (the service drains) the stream sends ``closing()`` (a notice with
-    call_id CLOSING) and goes on answering until the caller half-closes; server.stop(grace)
-    bounds the wait.
+    By default the answer is ``per_message.answer(call_id=..., error_code=...,
+    error_message=...)``. Unexpected errors are logged with their traceback first.
+    When ``stopping`` is set (the service drains) the stream sends a closing notice (an
+    answer with call_id CLOSING) and goes on answering until the caller half-closes;
+    server.stop(grace) bounds the wait.
     """
+    bundle = per_message.bundle if per_message is not None else None
+    answer = per_message.answer if per_message is not None else None
+    if error_reply is None and answer is None:
+        raise ValueError("answer_concurrently needs error_reply or per_message.answer")
+
+    def reply_error(req: Any, exc: BaseException) -> Any:
+        if error_reply is not None:
+            return error_reply(req, exc)
+        assert answer is not None
+        return answer(call_id=req.call_id, **error_fields(exc))
     out: asyncio.Queue[Any] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -383,7 +400,7 @@ async def answer_concurrently(
                 if not isinstance(exc, InfermeshError):
                     log.exception("stream request failed")
                 code = status_of(exc).name
-                reply = error_reply(req, exc)
+                reply = reply_error(req, exc)
                 if reply is None:
                     reply = exc
             if span is not None:
@@ -414,34 +431,27 @@ async def answer_concurrently(
 
     reader = loop.create_task(read())
     watcher = None
-    if stopping is not None and closing is not None:
+    if stopping is not None and answer is not None:
         watcher = loop.create_task(watch())
     try:
-        while (item := await out.get()) is not None:
-            if bundle is None:
-                if item is notice:
-                    yield closing()  # type: ignore[misc]
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-                continue
+        while (first := await out.get()) is not None:
+            items, ended = _take_ready(out, first) if bundle is not None else ([first], False)
             answers: list[Any] = []
             failure: BaseException | None = None
-            while item is not None:
+            for item in items:
                 if isinstance(item, BaseException):
-                    failure = item
+                    failure = item  # it ends the stream, after the answers before it
                     break
-                answers.append(closing() if item is notice else item)  # type: ignore[misc]
-                item = out.get_nowait() if not out.empty() else _EMPTY
-                if item is _EMPTY:
-                    break
-            for message in packed(answers, lambda batch: bundle(answers=batch), bundle_bytes):
-                yield message
+                answers.append(answer(call_id=CLOSING) if item is notice else item)  # type: ignore[misc]
+            if bundle is None:
+                for a in answers:
+                    yield a
+            else:
+                for message in packed(answers, lambda batch: bundle(answers=batch), bundle_bytes):
+                    yield message
             if failure is not None:
-                # A failure that ends the stream goes after the answers before it.
                 raise failure
-            if item is None:
+            if ended:
                 break
     finally:
         reader.cancel()

@@ -15,7 +15,7 @@ from services.batcher.dispatch import WorkerPool
 from services.batcher.handlers import BatcherServicer, Queues
 from services.batcher.queue import Policy, TargetQueue
 from services.batcher.scatter import Scatter
-from shared import metrics, streams
+from shared import metrics
 from shared.errors import NotFound, Unavailable
 from shared.events import (
     MODELS_BUCKET,
@@ -43,7 +43,6 @@ class Batcher(Service, Queues):
         super().__init__(config)
         self.cfg = config
         self.default_timeout_s = config.default_timeout_ms / 1000.0
-        self.bundle_bytes = streams.bundle_budget(config.max_message_bytes)
         self.queues: dict[str, TargetQueue] = {}
         self.models: KVView[ModelSpec] | None = None
         self.policies: KVView[BatchPolicy] | None = None

@@ -280,11 +280,6 @@ def aimd(
     return None
 
 
-def ceiling_of(line: Fit, limits: Limits) -> int:
-    """The largest cap the fit vouches for: twice the largest batch measured."""
-    return min(limits.model_max_batch, 2 * line.max_size)
-
-
 def fitted(
     max_batch: int,
     max_delay_ms: float,
@@ -309,9 +304,6 @@ def fitted(
     # batches full as well, the cap is what holds throughput back: grow it.
     backlog = stats.queue_p99_ms > max_delay_ms + stats.exec_p99_ms
     overload = backlog and stats.size_p50 >= tuning.full_share * max_batch
-    # Growing the cap wins throughput only where larger batches cost less per item.
-    grows = line.cheaper(max_batch, min(ceiling_of(line, limits), 2 * max_batch),
-                         tuning.min_batch_gain)
     code = "fit"
     if stats.p99_ms > slo and not backlog:
         # At the floor a smaller target changes nothing now and only delays the recovery.
@@ -321,7 +313,7 @@ def fitted(
     elif stats.p99_ms < 0.6 * slo and correction < 1.0:
         correction = min(1.0, correction * 1.05)
     target = slo * tuning.headroom * correction
-    ceiling = ceiling_of(line, limits)
+    ceiling = min(limits.model_max_batch, 2 * line.max_size)
     # Grow at most to twice the largest batch measured (a bigger size is a guess). The sizes
     # measured are no reason to shrink a cap, only the target is: at low load batches are
     # small whatever the cap, and a cap cut to them would meet the next step in load short
@@ -330,11 +322,12 @@ def fitted(
     # Down at most by half per decision (each step is judged on a fresh window), and never
     # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
     n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))
-    if overload and grows:
+    grown = min(ceiling, 2 * max_batch)
+    if overload and line.cheaper(max_batch, grown, tuning.min_batch_gain):
         # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
-        # win it back, and larger batches are cheaper per item: never shrink, and grow
+        # win it back, where larger batches are cheaper per item: never shrink, and grow
         # toward the model's limit (at most doubling, as always).
-        n = max(n, min(ceiling, 2 * max_batch))
+        n = max(n, grown)
         code = "overload"
     n = min(n, limits.model_max_batch)
     slack = target - 2.0 * line.exec_p99(n)

@@ -94,11 +94,9 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         async for reply in streams.answer_concurrently(
             requests,
             lambda req: self._submit(req, None),
-            lambda req, exc: _error_reply(req, exc),
+            _error_reply,
             stopping=self._queues.draining,
-            closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
-            bundle=batcher_pb2.SubmitAnswers,
             bundle_bytes=self._queues.bundle_bytes,
         ):
             yield reply
@@ -136,4 +134,6 @@ SUBMIT = streams.PerMessage(
     service="batcher",
     method="infermesh.v1.Batcher/Submit",
     answer_code=lambda reply: reply.result.error_code,
+    answer=batcher_pb2.SubmitResponse,
+    bundle=batcher_pb2.SubmitAnswers,
 )

@@ -12,7 +12,7 @@ from services.inference_worker.backends.factory import make_backend
 from services.inference_worker.config import WorkerConfig
 from services.inference_worker.handlers import InferenceWorkerServicer, Model
 from services.inference_worker.repository import load_repository
-from shared import gpu, streams
+from shared import gpu
 from shared.events import MODELS_BUCKET, Event
 from shared.lifecycle import Service
 from shared.pb.infermesh.v1 import inference_worker_pb2, inference_worker_pb2_grpc
@@ -50,7 +50,7 @@ class InferenceWorker(Service):
             self.instance,
             self._publish,
             self.draining,
-            streams.bundle_budget(config.max_message_bytes),
+            self.bundle_bytes,
         )
 
     async def _publish(self, subject: str, event: Event) -> None:

@@ -121,11 +121,8 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         async for reply in streams.answer_concurrently(
             requests,
             self._run,
-            _error_reply,
             stopping=self._draining,
-            closing=lambda: inference_worker_pb2.ExecuteResponse(call_id=streams.CLOSING),
             per_message=EXECUTE,
-            bundle=inference_worker_pb2.ExecuteAnswers,
             bundle_bytes=self._bundle_bytes,
         ):
             yield reply
@@ -257,17 +254,11 @@ def _failed(request_id: str, exc: BaseException) -> common_pb2.WorkResult:
     )
 
 
-def _error_reply(
-    request: inference_worker_pb2.ExecuteRequest, exc: BaseException
-) -> inference_worker_pb2.ExecuteResponse:
-    return inference_worker_pb2.ExecuteResponse(
-        call_id=request.call_id, **error_fields(exc)
-    )
-
-
 #: Metrics and spans of ExecuteStream messages, under the unary method's name.
 EXECUTE = streams.PerMessage(
     service="inference-worker",
     method="infermesh.v1.InferenceWorker/Execute",
     answer_code=lambda reply: reply.error_code,
+    answer=inference_worker_pb2.ExecuteResponse,
+    bundle=inference_worker_pb2.ExecuteAnswers,
 )

@@ -87,7 +87,13 @@ class RetrievalWorker(Service):
         )
         self.tier_agent: TierAgent | None = None
         self.servicer = RetrievalWorkerServicer(
-            self.holdings, config, self.instance, self.declare, self.retract, self.draining
+            self.holdings,
+            config,
+            self.instance,
+            self.declare,
+            self.retract,
+            self.draining,
+            self.bundle_bytes,
         )
         self.declared: KVView[CollectionDeclared] | None = None
         self._changes: asyncio.Queue[tuple[str, CollectionDeclared | None]] = asyncio.Queue()

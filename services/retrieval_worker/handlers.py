@@ -22,7 +22,6 @@ from shared import streams
 from shared.errors import DeadlineExceeded, InvalidArgument
 from shared.ingestlog import CollectionDeclared, check_collection_name
 from shared.pb.infermesh.v1 import common_pb2, retrieval_worker_pb2, retrieval_worker_pb2_grpc
-from shared.status_codes import error_fields
 from shared.tensors import from_numpy, to_numpy
 
 #: Searches of at most this many queries run on the event loop instead of a thread.
@@ -84,8 +83,10 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
         declare: Declare,
         retract: Retract,
         draining: asyncio.Event | None = None,
+        bundle_bytes: int = streams.BUNDLE_BYTES,
     ) -> None:
         self.holdings = holdings
+        self._bundle_bytes = bundle_bytes
         self._cfg = config
         self._worker = worker
         self._declare = declare
@@ -147,12 +148,9 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
         async for reply in streams.answer_concurrently(
             requests,
             self._search_request,
-            _error_reply,
             stopping=self._draining,
-            closing=lambda: retrieval_worker_pb2.SearchResponse(call_id=streams.CLOSING),
             per_message=SEARCH,
-            bundle=retrieval_worker_pb2.SearchAnswers,
-            bundle_bytes=streams.bundle_budget(self._cfg.max_message_bytes),
+            bundle_bytes=self._bundle_bytes,
         ):
             yield reply
 
@@ -242,15 +240,11 @@ class RetrievalWorkerServicer(retrieval_worker_pb2_grpc.RetrievalWorkerServicer)
         return info_of(held, [self._worker])
 
 
-def _error_reply(
-    request: retrieval_worker_pb2.SearchRequest, exc: BaseException
-) -> retrieval_worker_pb2.SearchResponse:
-    return retrieval_worker_pb2.SearchResponse(call_id=request.call_id, **error_fields(exc))
-
-
 #: Metrics and spans of SearchStream messages, under the unary method's name.
 SEARCH = streams.PerMessage(
     service="retrieval-worker",
     method="infermesh.v1.RetrievalWorker/Search",
     answer_code=lambda reply: reply.error_code,
+    answer=retrieval_worker_pb2.SearchResponse,
+    bundle=retrieval_worker_pb2.SearchAnswers,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -23,6 +24,8 @@ SUBMIT = streams.PerMessage(
     service="stream-test",
     method="infermesh.v1.Batcher/Submit",
     answer_code=lambda reply: reply.result.error_code,
+    answer=batcher_pb2.SubmitResponse,
+    bundle=batcher_pb2.SubmitAnswers,
 )
 
 
@@ -61,9 +64,7 @@ class Delayed(batcher_pb2_grpc.BatcherServicer):
                 result=common_pb2.WorkResult(error_code=3, error_message=str(exc)),
             ),
             stopping=self.draining,
-            closing=lambda: batcher_pb2.SubmitResponse(call_id=streams.CLOSING),
             per_message=SUBMIT,
-            bundle=batcher_pb2.SubmitAnswers,
             bundle_bytes=self.bundle_bytes,
         ):
             self.messages_out += 1
@@ -76,19 +77,24 @@ def submit(request_id: str, delay_ms: int = 0, target: str = "t") -> batcher_pb2
     )
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
+@asynccontextmanager
+async def serving(
+    limit: int = 64 * 1024 * 1024,
+) -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
+    """A Delayed servicer and a CallStream to it, both under a gRPC message limit."""
     servicer = Delayed()
+    servicer.bundle_bytes = streams.bundle_budget(limit)
     server, port, _ = rpc.create_server(
         "stream-test",
         "127.0.0.1",
         0,
         [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
         ["infermesh.v1.Batcher"],
+        max_message_bytes=limit,
         tracing=False,
     )
     await server.start()
-    channels = rpc.Channels(rpc.Transport(tracing=False))
+    channels = rpc.Channels(rpc.Transport(max_message_bytes=limit, tracing=False))
     pool: streams.Streams = streams.Streams(
         channels,
         batcher_pb2_grpc.BatcherStub,
@@ -102,6 +108,12 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.Call
     finally:
         await channels.close()
         await server.stop(0)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
+    async with serving() as parts:
+        yield parts
 
 
 async def test_concurrent_calls_on_one_stream_each_get_their_own_answer(served) -> None:
@@ -141,31 +153,9 @@ def test_a_bundle_stays_under_its_byte_budget_and_a_big_call_goes_alone() -> Non
 
 
 async def test_bundles_stay_under_a_small_grpc_message_limit() -> None:
-    limit = 64 * 1024
-    servicer = Delayed()
-    servicer.bundle_bytes = streams.bundle_budget(limit)  # answers echo the big request ids
-    server, port, _ = rpc.create_server(
-        "stream-test",
-        "127.0.0.1",
-        0,
-        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
-        ["infermesh.v1.Batcher"],
-        max_message_bytes=limit,
-        tracing=False,
-    )
-    await server.start()
-    channels = rpc.Channels(rpc.Transport(max_message_bytes=limit, tracing=False))
-    pool: streams.Streams = streams.Streams(
-        channels,
-        batcher_pb2_grpc.BatcherStub,
-        "SubmitStream",
-        batcher_pb2.SubmitCalls,
-        "infermesh.v1.Batcher/Submit",
-        "batcher",
-    )
-    stream = pool.get(f"127.0.0.1:{port}")
-    try:
-        # Each call is 60 % of the limit: two in one message would be refused by gRPC.
+    # Each call is 60 % of a 64 KiB limit (and each answer echoes its request id): two in one
+    # message would be refused by gRPC and end the stream.
+    async with serving(limit=64 * 1024) as (_, servicer, stream):
         calls = [
             batcher_pb2.SubmitRequest(
                 target="t", item=common_pb2.WorkItem(request_id=f"{i:02d}" + "x" * 39_000)
@@ -173,9 +163,6 @@ async def test_bundles_stay_under_a_small_grpc_message_limit() -> None:
             for i in range(6)
         ]
         replies = await asyncio.gather(*(stream.call(c, timeout=5) for c in calls))
-    finally:
-        await channels.close()
-        await server.stop(0)
     assert [r.result.request_id[:2] for r in replies] == [f"{i:02d}" for i in range(6)]
     assert servicer.messages_in >= 6 and servicer.messages_out >= 6
 

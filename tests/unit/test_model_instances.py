@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests_support import eventually_sync
 
 from services.inference_worker.backends import Item
 from services.inference_worker.handlers import InferenceWorkerServicer, Model
@@ -56,13 +57,6 @@ def _batch(i: int) -> inference_worker_pb2.ExecuteRequest:
     )
 
 
-async def _eventually(check: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("instances", [1, 2])
 async def test_batches_beyond_the_models_instances_wait_and_then_all_answer(instances: int) -> None:
     backend = HeldBackend()
@@ -75,7 +69,7 @@ async def test_batches_beyond_the_models_instances_wait_and_then_all_answer(inst
     )
     servicer = InferenceWorkerServicer({"held": Model(config, backend)}, "w", _nothing)
     calls = [asyncio.create_task(servicer.Execute(_batch(i), None)) for i in range(4)]  # type: ignore[arg-type]
-    await _eventually(lambda: backend.entered == instances)
+    await eventually_sync(lambda: backend.entered == instances)
     await asyncio.sleep(0.05)  # a batch that ignored the limit would have entered by now
     assert backend.entered == instances
     backend.release.set()
