@@ -304,8 +304,11 @@ class Transport:
 
 
 #: Retries only where a call is idempotent (running a batch again, searching again), only on
-#: UNAVAILABLE (the call did not reach the peer), and under a budget: retryThrottling stops
-#: retrying once failures exceed about 10 % of calls, so an outage does not multiply load.
+#: UNAVAILABLE (the call did not reach the peer) and on a CANCELLED the caller did not ask for
+#: (a server that shuts down cancels the calls still queued for a handler, grpc/grpc#41785;
+#: our own handlers answer CANCELLED only to a caller that already left), and under a budget:
+#: retryThrottling stops retrying once failures exceed about 10 % of calls, so an outage does
+#: not multiply load.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -321,7 +324,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.01s",
                     "maxBackoff": "0.2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],
