@@ -211,23 +211,27 @@ def throughput_floor(
     from the fit: an item costs ``a/n + b`` at cap n against ``a/k + b`` at cap k, so cap n
     carries ``r·(a/k + b)/(a/n + b)``, of which the floor uses ``capacity_margin``. A cap
     found short anyway overloads, is measured, and raises the floor. 1 without evidence.
+
+    The measurements, each put on the same scale (``r·(a/k + b)``, the model time the path
+    completes per second), make one estimate: their upper median. A stall on a busy machine
+    (another tenant, a GC pause) measures a cap far below what it carries the rest of the
+    time; the worst measurement, taken alone, once set a floor at the knee that held for the
+    rest of a soak. With one or two measurements the larger one counts.
     """
-    if rate <= 0:
+    if rate <= 0 or not delivered:
         return 1
     a, b = max(line.a, 0.0), max(line.b, 0.0)
-    floor = 1
-    for cap, capacity in delivered.items():
-        # The per-item cost a cap may have and still carry the rate with the margin.
-        allowed = tuning.capacity_margin * capacity * (a / cap + b) / rate
-        if allowed <= b:
-            # No cap carries it with the margin (or the load is a closed loop saturating
-            # the model, which looks the same): the largest batches do best, but past the
-            # knee of the cost curve only by a few percent, paid for in latency.
-            floor = max(floor, line.knee(model_max_batch, tuning.min_batch_gain))
-            continue
-        if a > 0:
-            floor = max(floor, math.ceil(a / (allowed - b) - 1e-9))
-    return min(floor, model_max_batch)
+    work = sorted(capacity * (a / cap + b) for cap, capacity in delivered.items())
+    # The per-item cost a cap may have and still carry the rate with the margin.
+    allowed = tuning.capacity_margin * work[len(work) // 2] / rate
+    if allowed <= b:
+        # No cap carries it with the margin (or the load is a closed loop saturating the
+        # model, which looks the same): the largest batches do best, but past the knee of
+        # the cost curve only by a few percent, paid for in latency.
+        return line.knee(model_max_batch, tuning.min_batch_gain)
+    if a <= 0:
+        return 1
+    return min(math.ceil(a / (allowed - b) - 1e-9), model_max_batch)
 
 
 def fit(obs: Sequence[Observation]) -> Fit | None:

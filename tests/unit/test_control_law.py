@@ -244,6 +244,18 @@ def test_the_throughput_floor_follows_what_an_overloaded_cap_delivered() -> None
     assert law.throughput_floor({64: 800.0}, 727.0, line, 64) == 64
 
 
+def test_one_stalled_measurement_does_not_set_the_floor() -> None:
+    line = law.Fit(a=2.6, b=0.26, resid_p99=0.0)
+    # Caps 10 and 20 overloaded at about 1.5 k/s; cap 24 was measured in a stall at 700/s.
+    # Taken alone, the stall says no cap carries 1 359/s with the margin (the knee, 47 here).
+    assert law.throughput_floor({24: 700.0}, 1359.0, line, 64) == line.knee(64, 0.05) == 47
+    # Among three, the median: cap 20's 1 600/s is 624 ms of model time a second, and
+    # 1 359/s with 20 % to spare needs items at <= 0.367 ms, 2.6/n + 0.26 (n = 25).
+    assert law.throughput_floor({10: 1500.0, 20: 1600.0, 24: 700.0}, 1359.0, line, 64) == 25
+    # With two measurements the larger counts.
+    assert law.throughput_floor({20: 1600.0, 24: 700.0}, 1359.0, line, 64) == 25
+
+
 def test_the_fitted_law_never_goes_below_the_throughput_floor() -> None:
     # A correction at its minimum asks for cap 1 (target 0.3·0.7·SLO); the load needs 6.
     obs = [law.Observation(8, 1.0, A + B * 8, float(i)) for i in range(20)]
