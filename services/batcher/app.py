@@ -141,14 +141,15 @@ class Batcher(Service, Queues):
         if spec is None:
             known = ", ".join(sorted(self.models.values)) or "none"
             raise NotFound(f"unknown model {target!r} (served: {known})")
-        pool = self.pool
+        pool, models, extra = self.pool, self.models, self.cfg.inflight_per_worker - 1
+
+        def slots() -> int:
+            spec = models.values.get(target)
+            per_worker = (spec.instances if spec is not None else 1) + extra
+            return max(1, len(pool.candidates(target))) * max(1, per_worker)
+
         policy = self._with_kv_policy(self._policy(spec), target, spec)
-        queue = TargetQueue(
-            target,
-            policy,
-            pool.execute,
-            lambda: max(1, len(pool.candidates(target))) * self.cfg.inflight_per_worker,
-        )
+        queue = TargetQueue(target, policy, pool.execute, slots)
         self.queues[target] = queue
         metrics.POLICY_MAX_BATCH.labels(target).set(policy.max_batch_size)
         metrics.POLICY_MAX_DELAY.labels(target).set(policy.max_delay_ms / 1000.0)

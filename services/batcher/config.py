@@ -10,7 +10,9 @@ class BatcherConfig(CommonConfig, frozen=True, kw_only=True):
 
     grpc_port: int = 50051
     inflight_per_worker: int = 2
-    """Batches in flight per worker and target: 2 overlaps transfer with execution."""
+    """Batches in flight per worker and target for a model of one instance: 2 overlaps
+    transfer with execution. A model of k instances gets k + inflight_per_worker - 1, so
+    one batch waits ready at the worker while k run (none of them idles between batches)."""
     search_max_batch_size: int = 1024
     """Query vectors (rows) per collection batch; one request larger than this goes alone.
     Large: the engine's grouped scan gets faster per query as batches grow (one matrix

@@ -213,25 +213,32 @@ def throughput_floor(
     found short anyway overloads, is measured, and raises the floor. 1 without evidence.
 
     The measurements, each put on the same scale (``r·(a/k + b)``, the model time the path
-    completes per second), make one estimate: their upper median. A stall on a busy machine
-    (another tenant, a GC pause) measures a cap far below what it carries the rest of the
-    time; the worst measurement, taken alone, once set a floor at the knee that held for the
-    rest of a soak. With one or two measurements the larger one counts.
+    completes per second), make one estimate for that extrapolation: their upper median. A
+    stall on a busy machine (another tenant, a GC pause) measures a cap far below what it
+    carries the rest of the time; the worst measurement, extrapolated alone, once set a
+    floor at the knee that held for the rest of a soak. With one or two measurements the
+    larger one counts. Where some cap carries the rate, each measurement also bounds the
+    floor as it is, with no curve: a cap that delivered less than the rate needs (with the
+    margin) is too small, so the floor is above it. The curve is the workers' exec time only, and the path's own cost per item
+    (RPCs on busy cores) is not in it; without this bound the law went back to a cap just
+    found short, found it short again, and hunted between the two for a whole soak.
     """
     if rate <= 0 or not delivered:
         return 1
+    needed = rate / tuning.capacity_margin
+    short = max((cap + 1 for cap, capacity in delivered.items() if capacity < needed), default=1)
     a, b = max(line.a, 0.0), max(line.b, 0.0)
     work = sorted(capacity * (a / cap + b) for cap, capacity in delivered.items())
     # The per-item cost a cap may have and still carry the rate with the margin.
-    allowed = tuning.capacity_margin * work[len(work) // 2] / rate
+    allowed = work[len(work) // 2] / needed
     if allowed <= b:
         # No cap carries it with the margin (or the load is a closed loop saturating the
         # model, which looks the same): the largest batches do best, but past the knee of
         # the cost curve only by a few percent, paid for in latency.
+        # (A cap found short says nothing here: every cap is short of such a load.)
         return line.knee(model_max_batch, tuning.min_batch_gain)
-    if a <= 0:
-        return 1
-    return min(math.ceil(a / (allowed - b) - 1e-9), model_max_batch)
+    curve = math.ceil(a / (allowed - b) - 1e-9) if a > 0 else 1
+    return min(max(curve, short), model_max_batch)
 
 
 def fit(obs: Sequence[Observation]) -> Fit | None:

@@ -57,6 +57,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             accepts_text=self.accepts_text,
             version=self.version,
             max_queue=self.max_queue,
+            instances=self.instances,
         )
 
 

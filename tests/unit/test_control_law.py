@@ -256,6 +256,14 @@ def test_one_stalled_measurement_does_not_set_the_floor() -> None:
     assert law.throughput_floor({20: 1600.0, 24: 700.0}, 1359.0, line, 64) == 25
 
 
+def test_the_floor_stays_above_a_cap_that_delivered_less_than_the_load_needs() -> None:
+    # Cap 16 overloaded delivering 1 356/s; cap 32 drained a backlog at 2 600/s. The curve
+    # (exec time only) says cap 6 would do, but cap 16 was just measured short.
+    line = law.Fit(a=2.5, b=0.25, resid_p99=0.0)
+    assert law.throughput_floor({32: 2600.0}, 1356.0, line, 64) < 16
+    assert law.throughput_floor({16: 1356.0, 32: 2600.0}, 1356.0, line, 64) == 17
+
+
 def test_the_fitted_law_never_goes_below_the_throughput_floor() -> None:
     # A correction at its minimum asks for cap 1 (target 0.3·0.7·SLO); the load needs 6.
     obs = [law.Observation(8, 1.0, A + B * 8, float(i)) for i in range(20)]
