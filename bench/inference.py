@@ -86,10 +86,19 @@ def raw_ort(
 
 
 async def through_mesh(
-    router: str, texts: list[str], levels: list[int], seconds: float, stream: bool = False
+    router: str,
+    texts: list[str],
+    levels: list[int],
+    seconds: float,
+    stream: bool = False,
+    warmup_s: float = 10.0,
 ) -> list[dict]:
     """Closed loop at each level: a unary Router.Infer per request, or (``stream``) all the
-    level's requests multiplexed on one Router.InferStream (``AsyncClient.stream``)."""
+    level's requests multiplexed on one Router.InferStream (``AsyncClient.stream``).
+
+    Each level is measured after ``warmup_s`` at that level: the batch controller decides
+    once a second on a 5-s window and needs a few decisions to find the level's policy
+    (perf_analyzer likewise measures only once its windows are stable)."""
     rows = []
     async with AsyncClient(router) as client:
         await client.infer(MODEL, texts=texts[:1], timeout=60)  # warm the worker
@@ -105,7 +114,7 @@ async def through_mesh(
                     MODEL, texts=[texts[cursor["i"] % len(texts)]], timeout=30
                 )
 
-            run = await closed_loop("mesh", call, c, seconds, warmup_s=2.0)
+            run = await closed_loop("mesh", call, c, seconds, warmup_s=warmup_s)
             if isinstance(caller, InferStream):
                 await caller.close()
             rows.append(
@@ -127,6 +136,9 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--warmup", type=float, default=10.0, help="seconds at each mesh level before measuring"
+    )
     ns = parser.parse_args()
     from services.inference_worker.build_model import build
     from services.inference_worker.text import TextEncoder
@@ -146,9 +158,13 @@ def main() -> int:
         ) as mesh:
             mesh.start()
             levels = [int(c) for c in ns.levels.split(",")]
-            mesh_rows = asyncio.run(through_mesh(mesh.router_address, texts, levels, ns.seconds))
+            mesh_rows = asyncio.run(
+                through_mesh(mesh.router_address, texts, levels, ns.seconds, warmup_s=ns.warmup)
+            )
             mesh_rows += asyncio.run(
-                through_mesh(mesh.router_address, texts, levels, ns.seconds, stream=True)
+                through_mesh(
+                    mesh.router_address, texts, levels, ns.seconds, True, warmup_s=ns.warmup
+                )
             )
     rows = raw + mesh_rows
     print(f"MiniLM-L6 (onnx backend), 32-token texts; {machine()}")

@@ -131,8 +131,8 @@ class ModelSpec(Event, frozen=True, kw_only=True, tag="model_spec"):
     version: str = "1"
     max_queue: int = 1024
     instances: int = 1
-    """Batches a worker runs at once (Triton's instance_group count); the batcher keeps
-    one more in flight so the next is ready when one ends."""
+    """Batches a worker runs at once (Triton's instance_group count); the batcher keeps at
+    least this many in flight per worker."""
 
 
 model_spec_decoder = msgspec.msgpack.Decoder(ModelSpec)

@@ -141,11 +141,11 @@ class Batcher(Service, Queues):
         if spec is None:
             known = ", ".join(sorted(self.models.values)) or "none"
             raise NotFound(f"unknown model {target!r} (served: {known})")
-        pool, models, extra = self.pool, self.models, self.cfg.inflight_per_worker - 1
+        pool, models, inflight = self.pool, self.models, self.cfg.inflight_per_worker
 
         def slots() -> int:
             spec = models.values.get(target)
-            per_worker = (spec.instances if spec is not None else 1) + extra
+            per_worker = max(spec.instances if spec is not None else 1, inflight)
             return max(1, len(pool.candidates(target))) * max(1, per_worker)
 
         policy = self._with_kv_policy(self._policy(spec), target, spec)

@@ -343,6 +343,13 @@ def fitted(
     n = min(n, limits.model_max_batch)
     slack = target - 2.0 * line.exec_p99(n)
     delay = round(max(0.0, min(slack, slo * tuning.max_delay_share)), 2)
+    if overload or (floor > 1 and n <= floor):
+        # The load holds the cap up: batches leave as soon as a slot frees, and in a closed
+        # loop the callers of the batch that just ended come back a few ms apart, so the
+        # first went alone and the rest waited a whole batch for the next slot (MiniLM at
+        # c=32: a fifth of the batches of 1-2). Waiting the delay's share of the SLO for
+        # them costs that much latency once and buys full batches.
+        delay = round(slo * tuning.max_delay_share, 2)
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
     small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
     small_d = abs(delay - max_delay_ms) < max(0.5, 0.2 * max_delay_ms)

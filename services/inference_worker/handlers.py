@@ -172,10 +172,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
                 f"batch of {expired} arrived after the deadline of every request in it; not run"
             )
         if items:
-            arrived = time.perf_counter()
             async with model.slots:
-                # Waiting for a free instance is queueing to the controller, not execution.
-                slot_ms = (time.perf_counter() - arrived) * 1000.0
                 outputs, exec_ms = await self._timed(model, items)
             for i, out in zip(runnable, outputs, strict=True):
                 results[i] = common_pb2.WorkResult(
@@ -186,7 +183,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             rows = sum(
                 len(it.texts) or next((len(a) for a in it.inputs.values()), 1) for it in items
             )
-            self._observe(model.spec.name, rows, request.queue_ms + slot_ms, exec_ms)
+            self._observe(model.spec.name, rows, request.queue_ms, exec_ms)
         else:
             exec_ms = 0.0
         return inference_worker_pb2.ExecuteResponse(

@@ -283,3 +283,15 @@ def test_at_the_floor_a_violation_does_not_shrink_the_target_further() -> None:
     above = law.fitted(12, 1.0, stats, line, law.Limits(SLO, 128), 0.5, floor=6)
     assert at_floor is not None and at_floor.correction == 0.5
     assert above is not None and above.correction < 0.5 and above.code == "violation"
+
+
+def test_a_cap_held_at_the_floor_waits_the_full_delay_for_its_batch() -> None:
+    # The target alone leaves no slack for a delay (2·exec(6) is past it), but the load holds
+    # the cap at 6: the batch waits 5 % of the SLO for the callers coming back.
+    obs = [law.Observation(8, 1.0, A + B * 8, float(i)) for i in range(20)]
+    line = law.fit(mixed([1, 2, 4, 8]))
+    limits = law.Limits(SLO, 128)
+    held = law.fitted(8, 1.0, law.summarize(obs), line, limits, 0.3, floor=6)
+    assert held is not None and held.max_batch_size == 6 and held.max_delay_ms == 5.0
+    free = law.fitted(8, 1.0, law.summarize(obs), line, limits, 0.3)
+    assert free is not None and free.max_batch_size == 4 and free.max_delay_ms == 0.0
