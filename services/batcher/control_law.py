@@ -219,9 +219,10 @@ def throughput_floor(
     floor at the knee that held for the rest of a soak. With one or two measurements the
     larger one counts. Where some cap carries the rate, each measurement also bounds the
     floor as it is, with no curve: a cap that delivered less than the rate needs (with the
-    margin) is too small, so the floor is above it. The curve is the workers' exec time only, and the path's own cost per item
-    (RPCs on busy cores) is not in it; without this bound the law went back to a cap just
-    found short, found it short again, and hunted between the two for a whole soak.
+    margin) is too small, so the floor is above it. The curve is the workers' exec time
+    only, and the path's own cost per item (RPCs on busy cores) is not in it; without this
+    bound the law went back to a cap just found short, found it short again, and hunted
+    between the two for a whole soak.
     """
     if rate <= 0 or not delivered:
         return 1
