@@ -227,7 +227,6 @@ def throughput_floor(
     if rate <= 0 or not delivered:
         return 1
     needed = rate / tuning.capacity_margin
-    short = max((cap + 1 for cap, capacity in delivered.items() if capacity < needed), default=1)
     a, b = max(line.a, 0.0), max(line.b, 0.0)
     work = sorted(capacity * (a / cap + b) for cap, capacity in delivered.items())
     # The per-item cost a cap may have and still carry the rate with the margin.
@@ -239,6 +238,7 @@ def throughput_floor(
         # (A cap found short says nothing here: every cap is short of such a load.)
         return line.knee(model_max_batch, tuning.min_batch_gain)
     curve = math.ceil(a / (allowed - b) - 1e-9) if a > 0 else 1
+    short = max((cap + 1 for cap, capacity in delivered.items() if capacity < needed), default=1)
     return min(max(curve, short), model_max_batch)
 
 

@@ -32,8 +32,8 @@ class Model:
         self.config = config
         self.spec = config.spec()
         self.backend = backend
-        #: The batcher keeps a second batch in flight so the next one is here when this one
-        #: ends; this makes it wait for its turn instead of running beside it.
+        #: The batcher may keep more batches in flight than the model has instances (the next
+        #: one is here when one ends); this makes them wait their turn, not run beside them.
         self.slots = asyncio.Semaphore(config.instances)
 
 

@@ -37,9 +37,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     version: str = "1"
     instances: int = 1
     """Batches of this model one worker runs at once (Triton's instance_group count); others
-    wait their turn in the worker, ready to start. On CPU keep 1: concurrent runs of one
-    session only split the same cores (measured: 2 concurrent MiniLM batches took 2.7x as
-    long each as one alone)."""
+    wait their turn in the worker, ready to start. An onnx run gets the cores divided by this
+    (two one-thread MiniLM runs on 2 cores match one two-thread run); without the limit two
+    batches shared one two-thread session and each took 2.7x as long as one alone."""
     parameters: dict[str, Any] = {}
     """Backend-specific settings (model file, Triton URL, fp16, synthetic cost, ...)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,10 +14,16 @@ import numpy as np
 import pytest
 from tests_support import eventually
 
+from shared import rpc
 from shared.client import AsyncClient
 from shared.errors import RPCError
-from shared.pb.infermesh.v1 import collections_pb2, collections_pb2_grpc, retrieval_worker_pb2
-from shared.tensors import from_numpy
+from shared.pb.infermesh.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    retrieval_worker_pb2,
+    retrieval_worker_pb2_grpc,
+)
+from shared.tensors import from_numpy, to_numpy
 
 from .mesh import Running, start_batcher, start_retrieval, start_router
 
@@ -300,12 +307,6 @@ async def test_a_collection_bulk_built_offline_is_served_and_takes_later_upserts
 async def test_the_search_stream_answers_each_search_and_refuses_bad_or_late_ones_inline(
     nats_server, tmp_path: Path
 ) -> None:
-    import time
-
-    from shared import rpc
-    from shared.pb.infermesh.v1 import retrieval_worker_pb2_grpc
-    from shared.tensors import to_numpy
-
     async with retrieval_mesh(nats_server.url, tmp_path) as mesh:
         admin = Admin(mesh["router"].endpoint)
         await admin.create("streamed")
