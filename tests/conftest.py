@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
-
-# gRPC's fork handlers can abort a child forked while other threads are inside gRPC (fault
-# tests start processes under load). Children exec at once and need no handlers; gRPC reads
-# this when it is imported, so it is set before any test module imports it.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests_support import NatsServer
+
+from shared import grpc_env
+
+# gRPC reads these when it is first imported, and nothing above imports it: set here, they
+# hold for every test module.
+# gRPC's fork handlers can abort a child forked while other threads are inside gRPC (fault
+# tests start processes under load). Children exec at once and need no handlers.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# The services' gRPC core settings, so that services started in this process run as they do
+# in their own.
+grpc_env.apply()
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -67,7 +67,8 @@ async def search(endpoint: str, q: np.ndarray, nprobe: int = 1) -> np.ndarray:
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = retrieval_worker_pb2_grpc.RetrievalWorkerStub(channel)
         reply = await stub.Search(retrieval_worker_pb2.SearchRequest(
-            collection="docs", queries=from_numpy("queries", q), k=5, nprobe=nprobe))
+            collection="docs", queries=from_numpy("queries", q), k=5, nprobe=nprobe),
+            timeout=30)
     return to_numpy(reply.ids, 10**6)
 
 
