@@ -215,10 +215,14 @@ class Scatter:
                 raise Unavailable(f"no healthy retrieval worker serves collection {target!r}"
                                   + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
             plan = self._cover(owners, missing)
+            # A worker that covers every advertised block alone searches all it holds (no
+            # list: a collection of 128 blocks cost ~45 µs per search to send and mask).
+            whole = missing is None and len(plan) == 1
             calls = [
                 self._search(e, retrieval_worker_pb2.SearchRequest(
-                    collection=target, queries=tensor, k=k, nprobe=nprobe, blocks=blocks,
-                    batch_id=batch_id, omit_hits=omit_hits, deadline_unix_ms=deadline_ms,
+                    collection=target, queries=tensor, k=k, nprobe=nprobe,
+                    blocks=() if whole else blocks, batch_id=batch_id, omit_hits=omit_hits,
+                    deadline_unix_ms=deadline_ms,
                 ), timeout)
                 for e, blocks in plan.items()
             ]

@@ -225,12 +225,10 @@ class Searcher:
             _, assign = self.quantizer.search(q, int(nprobe))
         allowed = self._present
         if block_filter is not None:
-            allowed = allowed.copy()
-            mask = np.zeros(self.nlist, dtype=bool)
-            for b in block_filter:
-                lo = b * self.lists_per_block
-                mask[lo : lo + self.lists_per_block] = True
-            allowed &= mask
+            wanted = np.zeros(-(-self.nlist // self.lists_per_block), dtype=bool)
+            ids = np.fromiter(block_filter, dtype=np.int64, count=len(block_filter))
+            wanted[ids[(ids >= 0) & (ids < wanted.size)]] = True  # blocks beyond: none held
+            allowed = allowed & np.repeat(wanted, self.lists_per_block)[: self.nlist]
         assign = np.where((assign >= 0) & allowed[np.maximum(assign, 0)], assign, -1)
         reads: dict[tuple[int, Tier], int] = {}
         hot: tuple[np.ndarray, np.ndarray] | None = None
