@@ -173,7 +173,7 @@ class Searcher:
         self.quantizer = quantizer
         self.blocks = dict(blocks)
         self.crossover = crossover
-        nblocks = -(-nlist // lists_per_block)
+        self.nblocks = -(-nlist // lists_per_block)
         # A searcher is rebuilt on every tier move, so this runs for each move: per block only
         # attribute reads (a runtime-checkable Protocol isinstance per block was 2/3 of a
         # 50-100 ms move over 1024 blocks).
@@ -184,13 +184,13 @@ class Searcher:
             self._sq8 = SQ8Lists(self.blocks, dim=dim, nlist=nlist,
                                  lists_per_block=lists_per_block, quantizer=quantizer)
         # per block: 1 present, 2 FAISS reads it as floats, 4 scans itself, 8 FAISS SQ8
-        flags = np.zeros(nblocks, dtype=np.int8)
+        flags = np.zeros(self.nblocks, dtype=np.int8)
         for b, v in self.blocks.items():
             flags[b] = 1 | (4 if getattr(v, "scan_blocks", None) is not None else 0)
         flags[list(self._float.blocks)] |= 2
         if self._sq8 is not None:
             flags[list(self._sq8.blocks)] |= 8
-        per_list = np.repeat(flags, lists_per_block)[:nlist]
+        per_list = self._per_list(flags)
         self._present = (per_list & 1) > 0
         self._faiss_readable = (per_list & 2) > 0
         self._hot = (per_list & 4) > 0  # lists whose block scans itself (GPU)
@@ -225,10 +225,10 @@ class Searcher:
             _, assign = self.quantizer.search(q, int(nprobe))
         allowed = self._present
         if block_filter is not None:
-            wanted = np.zeros(-(-self.nlist // self.lists_per_block), dtype=bool)
+            wanted = np.zeros(self.nblocks, dtype=bool)
             ids = np.fromiter(block_filter, dtype=np.int64, count=len(block_filter))
-            wanted[ids[(ids >= 0) & (ids < wanted.size)]] = True  # blocks beyond: none held
-            allowed = allowed & np.repeat(wanted, self.lists_per_block)[: self.nlist]
+            wanted[ids[(ids >= 0) & (ids < self.nblocks)]] = True  # blocks beyond: none held
+            allowed = allowed & self._per_list(wanted)
         assign = np.where((assign >= 0) & allowed[np.maximum(assign, 0)], assign, -1)
         reads: dict[tuple[int, Tier], int] = {}
         hot: tuple[np.ndarray, np.ndarray] | None = None
@@ -251,6 +251,10 @@ class Searcher:
         if hot is not None:
             s, i = _merge_best(s, i, *hot, k)
         return (*self._external(q, s, i), reads)
+
+    def _per_list(self, per_block: np.ndarray) -> np.ndarray:
+        """A value per block spread over the block's lists (block b holds lists b·lpb...)."""
+        return np.repeat(per_block, self.lists_per_block)[: self.nlist]
 
     def _device_assigner(self) -> Any:
         """A hot block whose device can rank the centroids (when a GPU holds hot blocks)."""
