@@ -83,6 +83,10 @@ class BatchPolicy(Event, frozen=True, kw_only=True, tag="batch_policy"):
     """p99 latency at the batcher (queue wait + exec) the controller last saw."""
     leader: str = ""
     """The controller instance that wrote it."""
+    gather: bool = False
+    """Wait up to max_delay_ms for a batch to fill even when none is in flight. Set while
+    every slot is busy: the callers of the batch that just ended are on their way back, and
+    a batch that leaves with the first of them strands the rest for a whole batch."""
 
 
 class Lease(Event, frozen=True, kw_only=True, tag="lease"):

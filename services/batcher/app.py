@@ -114,6 +114,7 @@ class Batcher(Service, Queues):
             max_batch_size=max(1, min(written.max_batch_size, spec.max_batch_size)),
             max_delay_ms=max(0.0, written.max_delay_ms),
             preferred_sizes=written.preferred_sizes,
+            gather=written.gather,
         )
 
     def _apply_policy(self, target: str, written: BatchPolicy | None) -> None:

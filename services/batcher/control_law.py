@@ -33,6 +33,21 @@ Two laws, compared in ``bench/batching.py``:
   below the smallest size that carries the current rate with a margin
   (``throughput_floor``): a latency target that only tiny batches meet is not worth a queue
   that grows without bound, which is what happens when a cap cannot carry the load.
+
+  A third case is neither: the execution slots busy ``saturated_share`` of the time or more
+  and p99 over the SLO, with no backlog. That is a closed loop of N callers holding the
+  model full (or a load just under its capacity): latency is about N / throughput whatever
+  the cap, and a smaller cap only queues the same requests for longer between smaller,
+  dearer batches. (MiniLM at c=32 on two one-thread instances: each window read as a
+  violation, the cap went 32 -> 16 -> 8 -> 4 -> 8 -> 13 -> 17 with no delay, a third of the
+  requests queued behind batches of ~10.) Saturated, the cap never goes below the requests
+  in the system split evenly over the slots (``ceil(N / slots)``, N by Little's law over
+  the window), and once saturation costs the SLO (``saturated``) batches wait up to
+  ``gather_share`` of the SLO to fill, even for an idle slot (``Decision.gather``): the
+  callers of a batch that just ended come back one by one through the router, ~10 ms from
+  first to last at c=32, and a batch that leaves with the first strands the rest for a
+  whole batch more. The price is that wait, during which the slot idles where a queue kept
+  it busy; gathering stops when saturation does.
 """
 
 from __future__ import annotations
@@ -50,6 +65,7 @@ class Observation:
     queue_ms: float
     exec_ms: float
     at: float  # controller's time.monotonic() on receipt
+    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,13 @@ class Tuning:
     """Multiplicative decrease on violation (AIMD)."""
     max_delay_share: float = 0.05
     """max_delay never exceeds this share of the SLO (it only adds latency once the cap
-    is large enough to keep up)."""
+    is large enough to keep up), except while saturated (``gather_share``)."""
+    saturated_share: float = 0.75
+    """Execution slots busy this share of the window, on average, count as saturated (a
+    closed loop that gathers its batches keeps them ~85-90 % busy: the rest is the wait)."""
+    gather_share: float = 0.1
+    """max_delay while saturated, as a share of the SLO: long enough for the callers of a
+    batch that ended to come back (only a batch that does not fill waits it all)."""
     min_correction: float = 0.3
     max_decrease: float = 0.5
     """One decision keeps at least this share of the cap (as one at most doubles it)."""
@@ -104,6 +126,12 @@ class Stats:
     """Batch size the median request rode in."""
     rate: float = 0.0
     """Items per second over the window (0 when its length is unknown)."""
+    busy: float = 0.0
+    """Batches executing at once, on average over the window (0 when its length is
+    unknown)."""
+    in_system: float = 0.0
+    """Requests queued or executing at once, on average (Little's law: each counts its
+    queue + exec time; 0 when the window's length is unknown)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,9 @@ class Decision:
     correction: float = 1.0
     overloaded: bool = False
     """The queue built up with full batches: the current cap could not carry the load."""
+    gather: bool = False
+    """Saturated: batches wait their delay to fill even when none is in flight (a "hold"
+    keeps the policy as it is, this flag included)."""
 
     @property
     def code(self) -> str:
@@ -193,6 +224,12 @@ def summarize(obs: Sequence[Observation], seconds: float = 0.0) -> Stats:
         max_size=max(o.size for o in obs),
         size_p50=weighted_quantile(sizes, sizes, 0.5),
         rate=items / seconds if seconds > 0 else 0.0,
+        busy=sum(o.exec_ms for o in obs) / (1000.0 * seconds) if seconds > 0 else 0.0,
+        in_system=(
+            sum(o.size * (o.queue_ms + o.exec_ms) for o in obs) / (1000.0 * seconds)
+            if seconds > 0
+            else 0.0
+        ),
     )
 
 
@@ -301,10 +338,12 @@ def fitted(
     correction: float = 1.0,
     tuning: Tuning = Tuning(),
     floor: int = 1,
+    slots: int = 0,
 ) -> Decision | None:
     """Largest cap whose predicted worst case fits the target; None when nothing changes.
 
-    ``floor`` is the smallest cap that carries the load (``throughput_floor``).
+    ``floor`` is the smallest cap that carries the load (``throughput_floor``); ``slots``
+    how many batches of the target can execute at once (0: unknown, never saturated).
     """
     if stats.batches < tuning.min_batches or line is None:
         return None
@@ -316,8 +355,13 @@ def fitted(
     # batches full as well, the cap is what holds throughput back: grow it.
     backlog = stats.queue_p99_ms > max_delay_ms + stats.exec_p99_ms
     overload = backlog and stats.size_p50 >= tuning.full_share * max_batch
+    saturated = slots > 0 and stats.busy >= tuning.saturated_share * slots
+    balanced = math.ceil(stats.in_system / slots - 1e-9) if saturated else 1
     code = "fit"
-    if stats.p99_ms > slo and not backlog:
+    if stats.p99_ms > slo and not backlog and saturated:
+        # Every slot busy: latency is what the load puts in the system, not the cap.
+        code = "saturated"
+    elif stats.p99_ms > slo and not backlog:
         # At the floor a smaller target changes nothing now and only delays the recovery.
         if max_batch > floor:
             correction = max(tuning.min_correction, correction * 0.8)
@@ -334,6 +378,9 @@ def fitted(
     # Down at most by half per decision (each step is judged on a fresh window), and never
     # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
     n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))
+    # Saturated, the requests in the system go in one batch per slot: fewer per batch only
+    # queues the rest behind them.
+    n = max(n, min(balanced, limits.model_max_batch))
     grown = min(ceiling, 2 * max_batch)
     if overload and line.cheaper(max_batch, grown, tuning.min_batch_gain):
         # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
@@ -351,6 +398,11 @@ def fitted(
         # c=32: a fifth of the batches of 1-2). Waiting the delay's share of the SLO for
         # them costs that much latency once and buys full batches.
         delay = round(slo * tuning.max_delay_share, 2)
+    gather = round(slo * tuning.gather_share, 2)
+    # Gather once saturation costs the SLO, and keep gathering while it lasts (the batches
+    # it fills are what brought p99 back under).
+    if saturated and (code == "saturated" or max_delay_ms >= gather):
+        delay = gather
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
     small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
     small_d = abs(delay - max_delay_ms) < max(0.5, 0.2 * max_delay_ms)
@@ -362,8 +414,13 @@ def fitted(
     )
     if floor > 1:
         detail += f", floor {floor}"
+    if saturated:
+        detail += (
+            f", saturated: {stats.busy:.2f} of {slots} slots busy, "
+            f"{stats.in_system:.1f} in system"
+        )
     if code == "fit":
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
-    elif code == "overload" and n == max_batch:
+    elif code in ("overload", "saturated") and n == max_batch:
         code = "delay"
-    return Decision(n, delay, f"{code}: {detail}", correction, overload)
+    return Decision(n, delay, f"{code}: {detail}", correction, overload, delay == gather)

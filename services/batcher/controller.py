@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -173,7 +174,9 @@ class BatchController:
 
     def add(self, event: BatchObserved) -> None:
         """Add one worker observation to the target's windows."""
-        obs = law.Observation(event.size, event.queue_ms, event.exec_ms, self._clock())
+        obs = law.Observation(
+            event.size, event.queue_ms, event.exec_ms, self._clock(), worker=event.worker
+        )
         self._recent.setdefault(event.target, deque(maxlen=4096)).append(obs)
         self._history.setdefault(event.target, deque(maxlen=4096)).append(obs)
 
@@ -241,6 +244,8 @@ class BatchController:
             )
         window = self.window(target)
         stats = law.summarize(window, self._clock() - self._horizon(target))
+        busy, in_system, workers = self.occupancy(target)
+        stats = dataclasses.replace(stats, busy=busy, in_system=in_system)
         limits = law.Limits(slo_ms=spec.slo_ms, model_max_batch=spec.max_batch_size)
         decision: law.Decision | None
         if current.max_batch_size > spec.max_batch_size:
@@ -262,6 +267,8 @@ class BatchController:
                 self._correction.get(target, 1.0),
                 self._tuning,
                 floor=self.floor(target, self.load(target), line, spec.max_batch_size),
+                # Batches that can run at once: each worker heard from runs `instances`.
+                slots=workers * max(1, spec.instances),
             )
             if decision is not None:
                 self._correction[target] = decision.correction
@@ -291,6 +298,7 @@ class BatchController:
             updated_unix=now,
             p99_ms=p99,
             leader=self.instance,
+            gather=decision.gather,
         )
 
     def load(self, target: str) -> float:
@@ -308,6 +316,21 @@ class BatchController:
         since = max(now - 6 * self._window, history[0].at)
         items = sum(o.size for o in history if o.at >= since)
         return items / max(now - since, self._interval)
+
+    def occupancy(self, target: str) -> tuple[float, float, int]:
+        """Batches executing and requests in the system at once, on average over the last
+        window_s whatever the policy did meanwhile, and how many workers ran them.
+
+        Whether every slot is busy is a property of the load; a window cut at each policy
+        change (a second, ~15 MiniLM batches) made it flicker from one tick to the next.
+        """
+        history = self._history.get(target, deque())
+        if not history:
+            return 0.0, 0.0, 0
+        since = max(self._clock() - self._window, history[0].at)
+        recent = [o for o in history if o.at >= since]
+        stats = law.summarize(recent, max(self._clock() - since, self._interval))
+        return stats.busy, stats.in_system, len({o.worker for o in recent})
 
     def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
         """The smallest cap that carries rate items/s, from the caps seen overloaded."""

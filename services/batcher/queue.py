@@ -33,6 +33,8 @@ class Policy:
     max_delay_ms: float
     preferred_sizes: tuple[int, ...] = ()
     capacity: int = 1024
+    gather: bool = False
+    """Wait the delay for a full batch even with none in flight (``BatchPolicy.gather``)."""
 
 
 @dataclass(order=True)
@@ -153,7 +155,8 @@ class TargetQueue:
         # Wait for a full or preferred batch, at most until the oldest request's delay is up.
         # With nothing in flight the worker is idle: waiting would only add latency, so the
         # batch goes now. Under load batches are in flight, and the delay lets them grow.
-        if self.inflight == 0:
+        # Saturated (``gather``), the idle slot is waiting for callers on their way back.
+        if self.inflight == 0 and not self.policy.gather:
             return
         while self._heap and not self._ready_size():
             # Read the policy each pass: set_policy() wakes this wait with a new delay.

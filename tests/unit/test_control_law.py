@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from services.batcher import control_law as law
@@ -295,3 +296,49 @@ def test_a_cap_held_at_the_floor_waits_the_full_delay_for_its_batch() -> None:
     assert held is not None and held.max_batch_size == 6 and held.max_delay_ms == 5.0
     free = law.fitted(8, 1.0, law.summarize(obs), line, limits, 0.3)
     assert free is not None and free.max_batch_size == 4 and free.max_delay_ms == 0.0
+
+
+def closed_loop(queue_ms: tuple[float, float], seed: int = 0) -> tuple[law.Stats, law.Fit]:
+    """5 s of MiniLM at c=32 on two one-thread instances (exec ≈ 6 + 8·n ms) under cap 10:
+    both slots run batches back to back while the rest of the callers queue."""
+    rng = random.Random(seed)
+    obs = [
+        law.Observation(10, rng.uniform(*queue_ms), 86.0 * rng.uniform(0.98, 1.02), i / 23.2)
+        for i in range(116)
+    ]
+    line = law.fit([law.Observation(n, 1.0, 6.0 + 8.0 * n, 0.0) for n in (4, 8, 10, 12, 16)])
+    assert line is not None
+    return law.summarize(obs, 5.0), line
+
+
+MINILM = law.Limits(150.0, 64)
+
+
+def test_a_saturating_closed_loop_gets_one_batch_per_slot_instead_of_smaller_caps() -> None:
+    stats, line = closed_loop((20.0, 76.0))
+    assert stats.p99_ms > MINILM.slo_ms and 1.9 < stats.busy <= 2.0
+    assert 31 < stats.in_system < 32  # the 32 callers, less those on their way back
+    d = law.fitted(10, 0.0, stats, line, MINILM, slots=2)
+    assert d is not None and d.code == "saturated"
+    # 32 callers over 2 slots; batches wait 10 % of the SLO to fill; the target is not cut.
+    assert d.max_batch_size == 16 and d.max_delay_ms == 15.0 and d.gather
+    assert d.correction == 1.0
+    # Without knowing the slots, the same window reads as a violation (the old behaviour).
+    blind = law.fitted(10, 0.0, stats, line, MINILM)
+    assert blind is not None and blind.code == "violation"
+    assert blind.max_batch_size < 10 and blind.correction < 1.0 and not blind.gather
+
+
+def test_saturated_under_the_slo_the_cap_stays_at_one_batch_per_slot() -> None:
+    stats, line = closed_loop((0.0, 10.0))
+    assert stats.p99_ms < MINILM.slo_ms
+    # The target alone would cut the cap to ~5; the requests in the system need 11 a slot.
+    d = law.fitted(16, 0.0, stats, line, MINILM, slots=2)
+    assert d is not None and d.max_batch_size == math.ceil(stats.in_system / 2)
+    assert not d.gather  # no gathering unless saturation cost the SLO...
+    kept = law.fitted(16, 15.0, stats, line, MINILM, slots=2)
+    assert kept is not None and kept.gather and kept.max_delay_ms == 15.0  # ...but it stays on
+    # Half the slots busy is not saturation: the target decides.
+    half = law.summarize([law.Observation(10, 5.0, 86.0, i / 11.6) for i in range(58)], 5.0)
+    free = law.fitted(16, 0.0, half, line, MINILM, slots=2)
+    assert free is not None and free.max_batch_size < 11 and not free.gather

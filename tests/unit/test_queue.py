@@ -73,6 +73,26 @@ async def test_an_idle_target_dispatches_without_waiting_for_the_delay() -> None
     await eventually_sync(lambda: rec.batches == [["0"]], timeout=1.0)
 
 
+async def test_a_saturated_target_gathers_its_batch_even_with_nothing_in_flight() -> None:
+    # Saturated, an idle slot is waiting for the callers of the batch that just ended: the
+    # first of them must not leave alone and strand the rest behind a whole batch.
+    rec = Recorder()
+    q = await run_queue(Policy(max_batch_size=3, max_delay_ms=10_000, gather=True), rec)
+    q.submit(item(0), 0, INF)
+    await asyncio.sleep(0.05)
+    assert rec.batches == []
+    q.submit(item(1), 0, INF)
+    q.submit(item(2), 0, INF)
+    await eventually_sync(lambda: rec.batches == [["0", "1", "2"]])
+    # ...and no longer than the delay.
+    q.set_policy(Policy(max_batch_size=3, max_delay_ms=30, gather=True))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await q.submit(item(3), 0, INF).future
+    assert 0.025 <= loop.time() - start < 0.5
+    assert rec.batches[1] == ["3"]
+
+
 async def test_a_preferred_size_is_dispatched_at_once() -> None:
     rec = Recorder()
     q = await run_queue(Policy(max_batch_size=8, max_delay_ms=10_000, preferred_sizes=(2,)), rec)
