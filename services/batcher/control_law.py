@@ -35,19 +35,19 @@ Two laws, compared in ``bench/batching.py``:
   that grows without bound, which is what happens when a cap cannot carry the load.
 
   A third case is neither: the execution slots busy ``saturated_share`` of the time or more
-  and p99 over the SLO, with no backlog. That is a closed loop of N callers holding the
-  model full (or a load just under its capacity): latency is about N / throughput whatever
-  the cap, and a smaller cap only queues the same requests for longer between smaller,
-  dearer batches. (MiniLM at c=32 on two one-thread instances: each window read as a
-  violation, the cap went 32 -> 16 -> 8 -> 4 -> 8 -> 13 -> 17 with no delay, a third of the
-  requests queued behind batches of ~10.) Saturated, the cap never goes below the requests
-  in the system split evenly over the slots (``ceil(N / slots)``, N by Little's law over
-  the window), and once saturation costs the SLO (``saturated``) batches wait up to
-  ``gather_share`` of the SLO to fill, even for an idle slot (``Decision.gather``): the
-  callers of a batch that just ended come back one by one through the router, ~10 ms from
-  first to last at c=32, and a batch that leaves with the first strands the rest for a
-  whole batch more. The price is that wait, during which the slot idles where a queue kept
-  it busy; gathering stops when saturation does.
+  and the mean latency alone past the target (``headroom``·SLO), with no backlog. That is a
+  closed loop of N callers holding the model full (or a load at its capacity): latency is
+  about N / throughput whatever the cap, and a smaller cap only queues the same requests
+  for longer between smaller, dearer batches. (MiniLM at c=32 on two one-thread
+  instances: each window read as a violation, the cap went 32 -> 16 -> 8 -> 4 -> 8 -> 13 ->
+  17 with no delay, a third of the requests queued behind batches of ~10.) Saturated, the
+  cap never goes below the requests in the system split evenly over the slots
+  (``ceil(N / slots)``, N by Little's law over the window), and once saturation costs the
+  SLO (``saturated``) batches wait up to ``gather_share`` of the SLO to fill, even for an
+  idle slot (``Decision.gather``): the callers of a batch that just ended come back one by
+  one through the router, ~10 ms from first to last at c=32, and a batch that leaves with
+  the first strands the rest for a whole batch more. The price is that wait, during which
+  the slot idles where a queue kept it busy; gathering stops when saturation does.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class Stats:
     in_system: float = 0.0
     """Requests queued or executing at once, on average (Little's law: each counts its
     queue + exec time; 0 when the window's length is unknown)."""
+    mean_ms: float = 0.0
+    """Mean latency per request at the batcher (queue + exec)."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,7 @@ def summarize(obs: Sequence[Observation], seconds: float = 0.0) -> Stats:
         size_p50=weighted_quantile(sizes, sizes, 0.5),
         rate=items / seconds if seconds > 0 else 0.0,
         busy=sum(o.exec_ms for o in obs) / (1000.0 * seconds) if seconds > 0 else 0.0,
+        mean_ms=sum(o.size * (o.queue_ms + o.exec_ms) for o in obs) / max(items, 1),
         in_system=(
             sum(o.size * (o.queue_ms + o.exec_ms) for o in obs) / (1000.0 * seconds)
             if seconds > 0
@@ -355,7 +358,14 @@ def fitted(
     # batches full as well, the cap is what holds throughput back: grow it.
     backlog = stats.queue_p99_ms > max_delay_ms + stats.exec_p99_ms
     overload = backlog and stats.size_p50 >= tuning.full_share * max_batch
-    saturated = slots > 0 and stats.busy >= tuning.saturated_share * slots
+    # Saturated: the slots are (nearly) always busy and the mean latency alone is past the
+    # target, so what is in the system sets the latency, not the batch size. (A load whose
+    # mean is under the target misses the SLO in its tail, which smaller batches shorten.)
+    saturated = (
+        slots > 0
+        and stats.busy >= tuning.saturated_share * slots
+        and stats.mean_ms >= slo * tuning.headroom
+    )
     balanced = math.ceil(stats.in_system / slots - 1e-9) if saturated else 1
     code = "fit"
     if stats.p99_ms > slo and not backlog and saturated:

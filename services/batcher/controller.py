@@ -244,8 +244,13 @@ class BatchController:
             )
         window = self.window(target)
         stats = law.summarize(window, self._clock() - self._horizon(target))
-        busy, in_system, workers = self.occupancy(target)
-        stats = dataclasses.replace(stats, busy=busy, in_system=in_system)
+        occupancy, workers = self.occupancy(target)
+        stats = dataclasses.replace(
+            stats,
+            busy=occupancy.busy,
+            in_system=occupancy.in_system,
+            mean_ms=occupancy.mean_ms,
+        )
         limits = law.Limits(slo_ms=spec.slo_ms, model_max_batch=spec.max_batch_size)
         decision: law.Decision | None
         if current.max_batch_size > spec.max_batch_size:
@@ -317,20 +322,20 @@ class BatchController:
         items = sum(o.size for o in history if o.at >= since)
         return items / max(now - since, self._interval)
 
-    def occupancy(self, target: str) -> tuple[float, float, int]:
-        """Batches executing and requests in the system at once, on average over the last
-        window_s whatever the policy did meanwhile, and how many workers ran them.
+    def occupancy(self, target: str) -> tuple[law.Stats, int]:
+        """The last window_s whatever the policy did meanwhile (batches executing and
+        requests in the system at once, mean latency), and how many workers ran them.
 
         Whether every slot is busy is a property of the load; a window cut at each policy
         change (a second, ~15 MiniLM batches) made it flicker from one tick to the next.
         """
         history = self._history.get(target, deque())
         if not history:
-            return 0.0, 0.0, 0
+            return law.summarize([]), 0
         since = max(self._clock() - self._window, history[0].at)
         recent = [o for o in history if o.at >= since]
         stats = law.summarize(recent, max(self._clock() - since, self._interval))
-        return stats.busy, stats.in_system, len({o.worker for o in recent})
+        return stats, len({o.worker for o in recent})
 
     def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
         """The smallest cap that carries rate items/s, from the caps seen overloaded."""

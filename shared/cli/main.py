@@ -336,7 +336,9 @@ def status(
             table.add_column(col)
         for p in snapshot.policies:
             table.add_row(
-                p.target, str(p.max_batch_size), f"{p.max_delay_ms:g}", f"{p.slo_ms:g}",
+                p.target, str(p.max_batch_size),
+                # "gather": batches wait the delay even for an idle worker (saturated).
+                f"{p.max_delay_ms:g}" + (" gather" if p.gather else ""), f"{p.slo_ms:g}",
                 f"{p.p99_ms:.1f}" if p.p99_ms else "-", str(p.revision),
                 f"{snapshot.now - p.updated_unix:.1f}", p.reason,
             )

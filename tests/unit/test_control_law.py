@@ -330,15 +330,22 @@ def test_a_saturating_closed_loop_gets_one_batch_per_slot_instead_of_smaller_cap
 
 
 def test_saturated_under_the_slo_the_cap_stays_at_one_batch_per_slot() -> None:
-    stats, line = closed_loop((0.0, 10.0))
-    assert stats.p99_ms < MINILM.slo_ms
-    # The target alone would cut the cap to ~5; the requests in the system need 11 a slot.
+    stats, line = closed_loop((20.0, 40.0))
+    assert stats.p99_ms < MINILM.slo_ms and stats.mean_ms > 0.7 * MINILM.slo_ms
+    # The target alone would cut the cap to ~5; the requests in the system need 14 a slot.
     d = law.fitted(16, 0.0, stats, line, MINILM, slots=2)
     assert d is not None and d.max_batch_size == math.ceil(stats.in_system / 2)
     assert not d.gather  # no gathering unless saturation cost the SLO...
     kept = law.fitted(16, 15.0, stats, line, MINILM, slots=2)
     assert kept is not None and kept.gather and kept.max_delay_ms == 15.0  # ...but it stays on
-    # Half the slots busy is not saturation: the target decides.
+    # Busy slots with a mean under the target is not saturation: the tail over the SLO is
+    # what smaller batches shorten (the echo soak, 0.95 of its slot busy at ~9 ms a request
+    # against a 14 ms target).
+    quick, _ = closed_loop((0.0, 10.0))
+    assert quick.busy > 1.9 and quick.mean_ms < 0.7 * MINILM.slo_ms
+    tail = law.fitted(16, 0.0, quick, line, MINILM, slots=2)
+    assert tail is not None and tail.max_batch_size < 11 and not tail.gather
+    # Half the slots busy is not saturation either.
     half = law.summarize([law.Observation(10, 5.0, 86.0, i / 11.6) for i in range(58)], 5.0)
     free = law.fitted(16, 0.0, half, line, MINILM, slots=2)
     assert free is not None and free.max_batch_size < 11 and not free.gather
