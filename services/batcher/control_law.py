@@ -217,6 +217,7 @@ def summarize(obs: Sequence[Observation], seconds: float = 0.0) -> Stats:
     sizes = [float(o.size) for o in obs]
     ones = [1.0] * len(obs)
     items = sum(o.size for o in obs)
+    held_ms = sum(o.size * (o.queue_ms + o.exec_ms) for o in obs)  # request-ms held
     return Stats(
         batches=len(obs),
         items=items,
@@ -227,12 +228,8 @@ def summarize(obs: Sequence[Observation], seconds: float = 0.0) -> Stats:
         size_p50=weighted_quantile(sizes, sizes, 0.5),
         rate=items / seconds if seconds > 0 else 0.0,
         busy=sum(o.exec_ms for o in obs) / (1000.0 * seconds) if seconds > 0 else 0.0,
-        mean_ms=sum(o.size * (o.queue_ms + o.exec_ms) for o in obs) / max(items, 1),
-        in_system=(
-            sum(o.size * (o.queue_ms + o.exec_ms) for o in obs) / (1000.0 * seconds)
-            if seconds > 0
-            else 0.0
-        ),
+        mean_ms=held_ms / items,
+        in_system=held_ms / (1000.0 * seconds) if seconds > 0 else 0.0,
     )
 
 
@@ -433,4 +430,5 @@ def fitted(
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
     elif code in ("overload", "saturated") and n == max_batch:
         code = "delay"
-    return Decision(n, delay, f"{code}: {detail}", correction, overload, delay == gather)
+    gathering = saturated and delay == gather
+    return Decision(n, delay, f"{code}: {detail}", correction, overload, gathering)
