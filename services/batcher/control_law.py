@@ -96,6 +96,9 @@ class Tuning:
     saturated_share: float = 0.75
     """Execution slots busy this share of the window, on average, count as saturated (a
     closed loop that gathers its batches keeps them ~85-90 % busy: the rest is the wait)."""
+    saturated_exit_share: float = 0.6
+    """While gathering, saturation lasts down to this share (hysteresis: a few slow
+    gathers must not flip the policy back and forth)."""
     gather_share: float = 0.1
     """max_delay while saturated, as a share of the SLO: long enough for the callers of a
     batch that ended to come back (only a batch that does not fill waits it all)."""
@@ -358,12 +361,15 @@ def fitted(
     # Saturated: the slots are (nearly) always busy and the mean latency alone is past the
     # target, so what is in the system sets the latency, not the batch size. (A load whose
     # mean is under the target misses the SLO in its tail, which smaller batches shorten.)
+    # Once gathering, it takes fewer busy slots to stop (the gather itself idles them a bit).
+    gather = round(slo * tuning.gather_share, 2)
+    share = tuning.saturated_exit_share if max_delay_ms >= gather else tuning.saturated_share
     saturated = (
         slots > 0
-        and stats.busy >= tuning.saturated_share * slots
+        and stats.busy >= share * slots
         and stats.mean_ms >= slo * tuning.headroom
     )
-    balanced = math.ceil(stats.in_system / slots - 1e-9) if saturated else 1
+    balanced = min(math.ceil(stats.in_system / max(slots, 1) - 1e-9), limits.model_max_batch)
     code = "fit"
     if stats.p99_ms > slo and not backlog and saturated:
         # Every slot busy: latency is what the load puts in the system, not the cap.
@@ -385,9 +391,23 @@ def fitted(
     # Down at most by half per decision (each step is judged on a fresh window), and never
     # below what carries the load: a cap that cannot keep up loses the SLO to queueing.
     n = max(n, math.ceil(max_batch * tuning.max_decrease), min(floor, ceiling))
-    # Saturated, the requests in the system go in one batch per slot: fewer per batch only
-    # queues the rest behind them.
-    n = max(n, min(balanced, limits.model_max_batch))
+    if saturated and not backlog:
+        # The requests in the system go in one batch per slot: fewer per batch only queues
+        # the rest behind them, and a larger cap never fills (each batch would wait out its
+        # delay; down by at most half a decision, as always). A throughput floor from an
+        # earlier overload does not apply: a cap that cannot carry the load shows as a
+        # backlog, and the branch below grows it.
+        # Little's N counts the requests at the batcher and workers, not those on their way
+        # back through the router and client (5-10 % at MiniLM c=32: 29-30 of 32), and a
+        # cap one short leaves a request behind each batch, so a cap coming from below
+        # takes one more; one from above stops at half (64 -> 32 -> 16), and the hysteresis
+        # below keeps a cap within one of the split.
+        if balanced > max_batch:
+            n = min(balanced + 1, limits.model_max_batch)
+        else:
+            n = max(balanced, math.ceil(max_batch * tuning.max_decrease))
+    elif saturated:
+        n = max(n, balanced)
     grown = min(ceiling, 2 * max_batch)
     if overload and line.cheaper(max_batch, grown, tuning.min_batch_gain):
         # Over capacity the SLO is lost to queueing whatever the cap; only throughput can
@@ -405,7 +425,6 @@ def fitted(
         # c=32: a fifth of the batches of 1-2). Waiting the delay's share of the SLO for
         # them costs that much latency once and buys full batches.
         delay = round(slo * tuning.max_delay_share, 2)
-    gather = round(slo * tuning.gather_share, 2)
     # Gather once saturation costs the SLO, and keep gathering while it lasts (the batches
     # it fills are what brought p99 back under).
     if saturated and (code == "saturated" or max_delay_ms >= gather):

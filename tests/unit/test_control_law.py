@@ -320,8 +320,14 @@ def test_a_saturating_closed_loop_gets_one_batch_per_slot_instead_of_smaller_cap
     assert 31 < stats.in_system < 32  # the 32 callers, less those on their way back
     d = law.fitted(10, 0.0, stats, line, MINILM, slots=2)
     assert d is not None and d.code == "saturated"
-    # 32 callers over 2 slots; batches wait 10 % of the SLO to fill; the target is not cut.
-    assert d.max_batch_size == 16 and d.max_delay_ms == 15.0 and d.gather
+    # 32 callers over 2 slots (one more coming from below: the window misses the callers
+    # on their way back); batches wait 10 % of the SLO to fill; the target is not cut.
+    assert math.ceil(stats.in_system / 2) == 16
+    assert d.max_batch_size == 17 and d.max_delay_ms == 15.0 and d.gather
+    # From above, the cap stops at the split (at most halving per decision).
+    above = law.fitted(64, 0.0, stats, line, MINILM, slots=2)
+    assert above is not None and above.max_batch_size == 32
+    assert law.fitted(32, 15.0, stats, line, MINILM, slots=2).max_batch_size == 16
     assert d.correction == 1.0
     # Without knowing the slots, the same window reads as a violation (the old behaviour).
     blind = law.fitted(10, 0.0, stats, line, MINILM)
