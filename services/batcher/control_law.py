@@ -427,7 +427,8 @@ def fitted(
         delay = round(slo * tuning.max_delay_share, 2)
     # Gather once saturation costs the SLO, and keep gathering while it lasts (the batches
     # it fills are what brought p99 back under).
-    if saturated and (code == "saturated" or max_delay_ms >= gather):
+    gathering = saturated and (code == "saturated" or max_delay_ms >= gather)
+    if gathering:
         delay = gather
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
     small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
@@ -449,5 +450,4 @@ def fitted(
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
     elif code in ("overload", "saturated") and n == max_batch:
         code = "delay"
-    gathering = saturated and delay == gather
     return Decision(n, delay, f"{code}: {detail}", correction, overload, gathering)

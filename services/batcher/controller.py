@@ -314,13 +314,8 @@ class BatchController:
         a draining backlog completes faster than requests arrive (taken for load, that burst
         set the floor to the model's limit in a soak). Over half a minute both average out.
         """
-        history = self._history.get(target, deque())
-        if not history:
-            return 0.0
-        now = self._clock()
-        since = max(now - 6 * self._window, history[0].at)
-        items = sum(o.size for o in history if o.at >= since)
-        return items / max(now - since, self._interval)
+        recent, seconds = self._last(target, 6 * self._window)
+        return sum(o.size for o in recent) / seconds if recent else 0.0
 
     def occupancy(self, target: str) -> tuple[law.Stats, int]:
         """The last window_s whatever the policy did meanwhile (batches executing and
@@ -329,13 +324,18 @@ class BatchController:
         Whether every slot is busy is a property of the load; a window cut at each policy
         change (a second, ~15 MiniLM batches) made it flicker from one tick to the next.
         """
+        recent, seconds = self._last(target, self._window)
+        return law.summarize(recent, seconds), len({o.worker for o in recent})
+
+    def _last(self, target: str, seconds: float) -> tuple[list[law.Observation], float]:
+        """The fit history's observations of the last ``seconds`` and how long that span
+        is (shorter before there is that much history; at least one interval)."""
         history = self._history.get(target, deque())
         if not history:
-            return law.summarize([]), 0
-        since = max(self._clock() - self._window, history[0].at)
-        recent = [o for o in history if o.at >= since]
-        stats = law.summarize(recent, max(self._clock() - since, self._interval))
-        return stats, len({o.worker for o in recent})
+            return [], self._interval
+        now = self._clock()
+        since = max(now - seconds, history[0].at)
+        return [o for o in history if o.at >= since], max(now - since, self._interval)
 
     def floor(self, target: str, rate: float, line: law.Fit | None, model_max_batch: int) -> int:
         """The smallest cap that carries rate items/s, from the caps seen overloaded."""
