@@ -24,3 +24,15 @@ def apply() -> None:
     """Put the data path's gRPC core settings in the environment (if grpc is not loaded yet)."""
     if "grpc" not in sys.modules:
         os.environ.setdefault("GRPC_EXPERIMENTS", EXPERIMENTS)
+
+#: Socket reads of 64 KiB at least (aiming at 256 KiB, up to 4 MiB) instead of gRPC's
+#: adaptive estimate, which starts at 8 KiB and follows the small messages that make up most
+#: of the traffic, so a large one (a batch of 1 024 queries is 1.5 MiB) arrived in dozens of
+#: reads and sometimes waited a round trip more. Measured on 2 cores, one grpc.aio hop:
+#: 400 KiB 0.85 -> 0.45 ms, 1.5 MiB 0.7-2.8 (bimodal) -> 0.6-0.8 ms; 200-byte calls at c=32
+#: unchanged (6.0-7.0 k/s both). Channel and server options; ours and our client's.
+READ_CHUNK_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.experimental.tcp_read_chunk_size", 256 << 10),
+    ("grpc.experimental.tcp_min_read_chunk_size", 64 << 10),
+    ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
+)

@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.grpc import (
 
 from shared import metrics
 from shared.errors import message_of, status_of
+from shared.grpc_env import READ_CHUNK_OPTIONS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,10 +55,12 @@ def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
 
 
 def message_options(max_bytes: int) -> list[tuple[str, Any]]:
-    """Channel/server options that bound message sizes in both directions."""
+    """Channel/server options that bound message sizes in both directions (and read them
+    in large chunks: ``shared.grpc_env.READ_CHUNK_OPTIONS``)."""
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
+        *READ_CHUNK_OPTIONS,
     ]
 
 

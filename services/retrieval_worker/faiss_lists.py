@@ -79,6 +79,14 @@ class _Stack:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(n, k) FAISS distances and ids of each row of ``q`` over its lists in ``assign``."""
         n = q.shape[0]
+        # Rows in order of their nearest list: FAISS scans its rows in order (in runs over
+        # its threads), so rows probing the same list follow each other and the later ones
+        # read it from cache, not memory: the grouped scan's idea at the cost of an argsort.
+        # 1 M x 384, 1 024 lists, 2 cores, alternating: 1 024 rows 1.18-1.30x faster at
+        # nprobe 1 (float16 / float32), 1.06-1.17x at nprobe 2-4; 256 rows 1.05x; 64 even.
+        order = np.argsort(assign[:, 0], kind="stable") if n > 1 else None
+        if order is not None:
+            q, assign = q[order], assign[order]
         fa = np.ascontiguousarray(assign, dtype=np.int64)
         dist = np.empty((n, k), dtype=np.float32)
         labels = np.empty((n, k), dtype=np.int64)
@@ -92,6 +100,10 @@ class _Stack:
             faiss.swig_ptr(fa), faiss.swig_ptr(coarse), faiss.swig_ptr(dist),
             faiss.swig_ptr(labels), False, params,
         )
+        if order is not None:
+            back = np.empty_like(order)
+            back[order] = np.arange(n)
+            dist, labels = dist[back], labels[back]
         return dist, labels
 
 
