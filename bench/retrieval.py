@@ -22,6 +22,11 @@ Raw FAISS runs ``index.search`` on b queries at a time. Mesh requests set ``omit
 (ids and scores only, as raw FAISS returns). The mesh is nats + router + batcher + one
 retrieval worker as local processes; the client runs in this process.
 
+``--codecs`` (default ``none,float16``): one mesh per warm codec of the worker
+(``INFERMESH_WARM_CODEC``), started in turn over the same collection, raw FAISS measured
+again beside each cell. ``float16`` holds warm blocks at half the bytes (FAISS scans them as
+``QT_fp16``); its recall is printed beside raw FAISS's, and "equal" means within 0.005.
+
 Goals: recall@10 >= 0.95 at the chosen nprobe; through the mesh at equal recall >= 0.8x raw
 QPS at batch 1, >= 1.0x at 64, >= 2x at >= 256.
 Quick run: ``python -m bench.retrieval --n 200000``; the issue's run: ``--n 1000000``.
@@ -52,8 +57,8 @@ from shared.cli.supervisor import LocalMesh
 from shared.client import AsyncClient, Client
 
 NAME = "bench"
-#: nprobe, batch, recalls (raw, req, conc, strm), then QPS of raw, req, conc, strm.
-Row = tuple[int, int, list[float], float, float, float, float]
+#: warm codec, nprobe, batch, recalls (raw, req, conc, strm), then QPS of raw, req, conc, strm.
+Row = tuple[str, int, int, list[float], float, float, float, float]
 
 
 @dataclass
@@ -226,11 +231,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=".infermesh/bench", help="stdlib corpus and model cache")
     ap.add_argument("--env", default="", help="extra mesh env, KEY=VALUE,KEY=VALUE")
+    ap.add_argument("--codecs", default="none,float16",
+                    help="the worker's warm codecs to measure, one mesh each (none,float16,sq8)")
     args = ap.parse_args()
     stdlib_data = args.data == "stdlib"
     nlist = args.nlist or (32 if stdlib_data else 1024)  # >= 39 training points per list
     nprobes = [int(v) for v in (args.nprobe or "1,2,4,8").split(",")]
     batches = [int(v) for v in args.batches.split(",")]
+    codecs = [c for c in args.codecs.split(",") if c]
 
     print(f"machine: {machine()}; faiss {faiss.__version__} omp={faiss.omp_get_max_threads()}")
     print(f"load average at start: {load()}")
@@ -262,64 +270,65 @@ def main() -> None:
         ivf.add(data.xb)
 
         env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
-        with LocalMesh(Path(tmp), env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh:
-            t = time.perf_counter()
-            mesh.start()
-            wait_advertised(mesh.router_address, n)
-            print(f"mesh up, collection advertised in {time.perf_counter() - t:.1f}s")
-            print(
-                f"{'nprobe':>6} {'batch':>5} {'R raw':>6} {'raw qps':>8} {'R req':>6} "
-                f"{'req qps':>8} {'x':>5} {'R conc':>6} {'conc qps':>8} {'x':>5} "
-                f"{'R strm':>6} {'strm qps':>8} {'x':>5}",
-                flush=True,
+        rows: list[Row] = []
+        for codec in codecs:
+            rows += measure(
+                Path(tmp), {**env, "INFERMESH_WARM_CODEC": codec}, data, ivf, nprobes,
+                batches, args.k, args.min_s,
             )
-            rows: list[Row] = []
-            with Client(mesh.router_address) as client:
-                for nprobe in nprobes:
-                    ivf.nprobe = nprobe
-                    for batch in batches:
-                        raw_ids, raw_qps = timed_passes(
-                            partial(raw_pass, ivf, data.xq, args.k, batch), len(data.xq), args.min_s
-                        )
-                        req_ids, req_qps = timed_passes(
-                            partial(req_pass, client, data.xq, args.k, nprobe, batch),
-                            len(data.xq),
-                            args.min_s,
-                        )
-                        conc_ids, conc_qps = asyncio.run(
-                            conc_timed(
-                                mesh.router_address,
-                                data.xq,
-                                args.k,
-                                nprobe,
-                                batch,
-                                args.min_s,
-                                stream=False,
-                            )
-                        )
-                        strm_ids, strm_qps = asyncio.run(
-                            conc_timed(
-                                mesh.router_address,
-                                data.xq,
-                                args.k,
-                                nprobe,
-                                batch,
-                                args.min_s,
-                                stream=True,
-                            )
-                        )
-                        ids = (raw_ids, req_ids, conc_ids, strm_ids)
-                        r = [recall(i, data.truth) for i in ids]
-                        rows.append((nprobe, batch, r, raw_qps, req_qps, conc_qps, strm_qps))
-                        print(
-                            f"{nprobe:>6} {batch:>5} {r[0]:6.3f} {raw_qps:8.0f} {r[1]:6.3f} "
-                            f"{req_qps:8.0f} {req_qps / raw_qps:5.2f} {r[2]:6.3f} "
-                            f"{conc_qps:8.0f} {conc_qps / raw_qps:5.2f} {r[3]:6.3f} "
-                            f"{strm_qps:8.0f} {strm_qps / raw_qps:5.2f}",
-                            flush=True,
-                        )
     print(f"load average at end: {load()}")
-    report(rows)
+    for codec in codecs:
+        report([r for r in rows if r[0] == codec], codec)
+
+
+def measure(
+    root: Path, env: dict[str, str], data: Data, ivf: faiss.IndexIVFFlat, nprobes: list[int],
+    batches: list[int], k: int, min_s: float,
+) -> list[Row]:
+    """One mesh over the bulk-built collection; raw FAISS and the mesh, cell by cell."""
+    codec = env["INFERMESH_WARM_CODEC"]
+    n = len(data.xb)
+    rows: list[Row] = []
+    with LocalMesh(root, env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh:
+        t = time.perf_counter()
+        mesh.start()
+        wait_advertised(mesh.router_address, n)
+        print(f"mesh up (warm codec {codec}), collection advertised in "
+              f"{time.perf_counter() - t:.1f}s")
+        print(
+            f"{'codec':>7} {'nprobe':>6} {'batch':>5} {'R raw':>6} {'raw qps':>8} {'R req':>6} "
+            f"{'req qps':>8} {'x':>5} {'R conc':>6} {'conc qps':>8} {'x':>5} "
+            f"{'R strm':>6} {'strm qps':>8} {'x':>5}",
+            flush=True,
+        )
+        with Client(mesh.router_address) as client:
+            for nprobe in nprobes:
+                ivf.nprobe = nprobe
+                for batch in batches:
+                    raw_ids, raw_qps = timed_passes(
+                        partial(raw_pass, ivf, data.xq, k, batch), len(data.xq), min_s
+                    )
+                    req_ids, req_qps = timed_passes(
+                        partial(req_pass, client, data.xq, k, nprobe, batch),
+                        len(data.xq),
+                        min_s,
+                    )
+                    conc_ids, conc_qps = asyncio.run(conc_timed(
+                        mesh.router_address, data.xq, k, nprobe, batch, min_s, stream=False
+                    ))
+                    strm_ids, strm_qps = asyncio.run(conc_timed(
+                        mesh.router_address, data.xq, k, nprobe, batch, min_s, stream=True
+                    ))
+                    r = [recall(i, data.truth) for i in (raw_ids, req_ids, conc_ids, strm_ids)]
+                    rows.append((codec, nprobe, batch, r, raw_qps, req_qps, conc_qps, strm_qps))
+                    print(
+                        f"{codec:>7} {nprobe:>6} {batch:>5} {r[0]:6.3f} {raw_qps:8.0f} "
+                        f"{r[1]:6.3f} {req_qps:8.0f} {req_qps / raw_qps:5.2f} {r[2]:6.3f} "
+                        f"{conc_qps:8.0f} {conc_qps / raw_qps:5.2f} {r[3]:6.3f} "
+                        f"{strm_qps:8.0f} {strm_qps / raw_qps:5.2f}",
+                        flush=True,
+                    )
+    return rows
 
 
 def wait_advertised(router: str, n: int, timeout: float = 300.0) -> None:
@@ -338,15 +347,15 @@ def wait_advertised(router: str, n: int, timeout: float = 300.0) -> None:
         ing.close()
 
 
-def report(rows: list[Row]) -> None:
+def report(rows: list[Row], codec: str) -> None:
     """Goals at the chosen nprobe (the smallest whose raw recall reaches 0.95)."""
-    ok = [r for r in rows if r[2][0] >= 0.95]
+    ok = [r for r in rows if r[3][0] >= 0.95]
     if not ok:
         print("recall goal missed: no nprobe reaches recall@10 0.95 on raw FAISS")
         return
-    chosen = min(r[0] for r in ok)
-    print(f"chosen nprobe {chosen} (smallest with raw recall@10 >= 0.95)")
-    for nprobe, batch, r, raw, req, conc, strm in rows:
+    chosen = min(r[1] for r in ok)
+    print(f"warm codec {codec}: chosen nprobe {chosen} (smallest with raw recall@10 >= 0.95)")
+    for _codec, nprobe, batch, r, raw, req, conc, strm in rows:
         if nprobe != chosen:
             continue
         same = all(abs(m - r[0]) <= 0.005 for m in r[1:])

@@ -134,13 +134,15 @@ class FloatLists:
                 lists[b] = il
         self.blocks = frozenset(lists)
         """Blocks this index reads."""
+        self.float16 = code_size == 2 * dim
+        """Whether the blocks it reads are float16 (else float32, or none)."""
         self.stack: _Stack | None = None
         if not lists:
             return
         fm = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
         def make() -> faiss.IndexIVF:
-            if code_size == 2 * dim:
+            if self.float16:
                 return faiss.IndexIVFScalarQuantizer(
                     quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, fm, False
                 )

@@ -171,3 +171,23 @@ def test_read_counters_count_block_scans_by_tier(tmp_path: Path):
     assert col.read_counts() == {}
     info = col.describe()
     assert info.blocks_by_tier["cold"] == 1 and info.bytes_by_tier["cold"] > 0
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("float32", "grouped"), ("float16", "faiss")])
+def test_auto_path_keeps_float16_blocks_on_faiss_where_float32_ones_go_grouped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, expected: str
+):
+    # ~19 queries per probed list: past the float32 crossover, far below float16's (the
+    # grouped scan would upcast every float16 list it reads).
+    col = build(tmp_path / "c", "ip", dtype)
+    searcher = col._searcher
+    assert searcher is not None
+    ran: list[str] = []
+    for name in ("grouped", "faiss"):
+        method = getattr(searcher, f"_search_{name}")
+        monkeypatch.setattr(searcher, f"_search_{name}",
+                            lambda *a, _m=method, _n=name: (ran.append(_n), _m(*a))[1])
+    q = mixture(150, 2)
+    s, i, _ = searcher.search(q, 10, 6)
+    assert ran == [expected]
+    assert_same_up_to_ties(faiss_reference(col, 6).search(q, 10), (s, i), True)
