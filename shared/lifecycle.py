@@ -21,7 +21,7 @@ import grpc
 import uvloop
 from grpc_health.v1 import health
 
-from shared import metrics, rpc, streams, telemetry
+from shared import heap, metrics, rpc, streams, telemetry
 from shared.bus import Bus, NatsAuth
 from shared.config import CommonConfig
 from shared.events import Member
@@ -223,6 +223,7 @@ class _Stop(Exception):
 def main(service_factory: Callable[[], Service], name: str, level: str = "INFO") -> None:
     """Process entry point: logging, tracing, metrics, signals, run; exit non-zero on failure."""
     telemetry.setup_logging(name, level)
+    heap.keep_large_buffers()
 
     async def amain() -> None:
         service = service_factory()

@@ -1,0 +1,46 @@
+"""The C heap of a service process: keep the memory that large messages pass through.
+
+By default glibc serves an allocation of more than 128 KiB (a threshold that adapts upwards)
+with a fresh ``mmap`` and gives it back on ``free``, and gives the top of its heap back once
+more than twice that is free. A search batch of 1 024 x 384 floats is 1.5 MiB, and each hop
+copies it a few times (the message's bytes, numpy, protobuf's copy into a bundle), so each
+copy landed in memory just given back and faulted its pages in again: 900-1 300 minor
+faults per request in the router and in the batcher. Serving every allocation up to 32 MiB
+from the heap and keeping up to 128 MiB of it free removes them: measured on 2 cores
+through router + batcher + worker, 1 024-query searches, two alternating pairs: the mesh's
+time outside the worker's scan 10.9 / 12.5 -> 6.8 / 9.2 ms, the router's CPU per request
+6.5 -> 3.0-5.0 ms. What a process keeps is bounded by its own peak (at most 128 MiB above
+what it uses at a time).
+
+glibc only (musl and others keep their own behaviour). The usual environment variables
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) win over these defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+#: Allocations up to this size come from the heap (glibc's largest allowed value on 64-bit).
+MMAP_THRESHOLD = 32 << 20
+#: Free memory the heap keeps at its top before giving it back to the kernel.
+TRIM_THRESHOLD = 128 << 20
+
+
+def keep_large_buffers() -> bool:
+    """Tune glibc's malloc as above; whether it applied (False: not glibc, or overridden)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
