@@ -25,6 +25,7 @@ def apply() -> None:
     if "grpc" not in sys.modules:
         os.environ.setdefault("GRPC_EXPERIMENTS", EXPERIMENTS)
 
+
 #: Socket reads of 64 KiB at least (aiming at 256 KiB, up to 4 MiB) instead of gRPC's
 #: adaptive estimate, which starts at 8 KiB and follows the small messages that make up most
 #: of the traffic, so a large one (a batch of 1 024 queries is 1.5 MiB) arrived in dozens of

@@ -8,8 +8,8 @@ copy landed in memory just given back and faulted its pages in again: 900-1 300 
 faults per request in the router and in the batcher. Serving every allocation up to 32 MiB
 from the heap and keeping up to 128 MiB of it free removes them: measured on 2 cores
 through router + batcher + worker, 1 024-query searches, two alternating pairs: the mesh's
-time outside the worker's scan 10.9 / 12.5 -> 6.8 / 9.2 ms, the router's CPU per request
-6.5 -> 3.0-5.0 ms. What a process keeps is bounded by its own peak (at most 128 MiB above
+time outside the worker's scan 9.6 / 11.3 -> 6.9 / 7.7 ms, the router's CPU per request
+6.0 -> 3.5-4.0 ms, 1.18x / 1.29x the queries per second. What a process keeps is bounded by its own peak (at most 128 MiB above
 what it uses at a time).
 
 glibc only (musl and others keep their own behaviour). The usual environment variables
