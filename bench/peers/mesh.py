@@ -115,8 +115,11 @@ def _latencies(
     return np.array(lat)
 
 
-def retrieval(data_dir: Path, budget_s: float) -> dict[str, Any]:
+def retrieval(data_dir: Path, budget_s: float, codec: str = "none") -> dict[str, Any]:
     """Build the collection, serve it through the mesh, find the nprobe of equal recall.
+
+    ``codec`` is the retrieval worker's warm codec (``INFERMESH_WARM_CODEC``): ``none`` holds
+    the float32 vectors as stored, ``float16`` half the bytes (scores of the float16 values).
 
     Uses bench/retrieval.py's own steps: ``bulk.build`` of the collection offline with the
     engine into the worker's directory (as that benchmark does: JetStream ingest of 200 k
@@ -143,7 +146,8 @@ def retrieval(data_dir: Path, budget_s: float) -> dict[str, Any]:
             stream_seq=0,
         )
         build_s = time.perf_counter() - t
-        with LocalMesh(Path(tmp), env=ENV, replicas={"inference-worker": 0, "tiering": 0}) as mesh:
+        env = {**ENV, "INFERMESH_WARM_CODEC": codec}
+        with LocalMesh(Path(tmp), env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh:
             t = time.perf_counter()
             mesh.start()
             rb.wait_advertised(mesh.router_address, n)
@@ -180,7 +184,9 @@ def retrieval(data_dir: Path, budget_s: float) -> dict[str, Any]:
                     )
     return {
         "engine": "infermesh",
-        "index": f"IVF_FLAT nlist={nlist}, router+batcher+worker",
+        "index": f"IVF_FLAT nlist={nlist}"
+        + (f", {codec} blocks" if codec != "none" else "")
+        + ", router+batcher+worker",
         "knob": None if knob is None else f"nprobe={knob}",
         "sweep": tried,
         "build_s": round(build_s, 1),
