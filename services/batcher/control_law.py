@@ -342,11 +342,13 @@ def fitted(
     tuning: Tuning = Tuning(),
     floor: int = 1,
     slots: int = 0,
+    gathering: bool = False,
 ) -> Decision | None:
     """Largest cap whose predicted worst case fits the target; None when nothing changes.
 
     ``floor`` is the smallest cap that carries the load (``throughput_floor``); ``slots``
-    how many batches of the target can execute at once (0: unknown, never saturated).
+    how many batches of the target can execute at once (0: unknown, never saturated);
+    ``gathering`` whether the current policy gathers (``Decision.gather`` as last written).
     """
     if stats.batches < tuning.min_batches or line is None:
         return None
@@ -362,8 +364,7 @@ def fitted(
     # target, so what is in the system sets the latency, not the batch size. (A load whose
     # mean is under the target misses the SLO in its tail, which smaller batches shorten.)
     # Once gathering, it takes fewer busy slots to stop (the gather itself idles them a bit).
-    gather = round(slo * tuning.gather_share, 2)
-    share = tuning.saturated_exit_share if max_delay_ms >= gather else tuning.saturated_share
+    share = tuning.saturated_exit_share if gathering else tuning.saturated_share
     saturated = (
         slots > 0
         and stats.busy >= share * slots
@@ -427,9 +428,9 @@ def fitted(
         delay = round(slo * tuning.max_delay_share, 2)
     # Gather once saturation costs the SLO, and keep gathering while it lasts (the batches
     # it fills are what brought p99 back under).
-    gathering = saturated and (code == "saturated" or max_delay_ms >= gather)
-    if gathering:
-        delay = gather
+    gather = saturated and (code == "saturated" or gathering)
+    if gather:
+        delay = round(slo * tuning.gather_share, 2)
     # Hysteresis: noise in the fit must not rewrite the policy every tick.
     small_n = abs(n - max_batch) < max(1.0, 0.1 * max_batch)
     small_d = abs(delay - max_delay_ms) < max(0.5, 0.2 * max_delay_ms)
@@ -450,4 +451,4 @@ def fitted(
         code = "increase" if n > max_batch else "decrease" if n < max_batch else "delay"
     elif code in ("overload", "saturated") and n == max_batch:
         code = "delay"
-    return Decision(n, delay, f"{code}: {detail}", correction, overload, gathering)
+    return Decision(n, delay, f"{code}: {detail}", correction, overload, gather)

@@ -274,6 +274,7 @@ class BatchController:
                 floor=self.floor(target, self.load(target), line, spec.max_batch_size),
                 # Batches that can run at once: each worker heard from runs `instances`.
                 slots=workers * max(1, spec.instances),
+                gathering=current.gather,
             )
             if decision is not None:
                 self._correction[target] = decision.correction

@@ -327,7 +327,7 @@ def test_a_saturating_closed_loop_gets_one_batch_per_slot_instead_of_smaller_cap
     # From above, the cap stops at the split (at most halving per decision).
     above = law.fitted(64, 0.0, stats, line, MINILM, slots=2)
     assert above is not None and above.max_batch_size == 32
-    assert law.fitted(32, 15.0, stats, line, MINILM, slots=2).max_batch_size == 16
+    assert law.fitted(32, 15.0, stats, line, MINILM, slots=2, gathering=True).max_batch_size == 16
     assert d.correction == 1.0
     # Without knowing the slots, the same window reads as a violation (the old behaviour).
     blind = law.fitted(10, 0.0, stats, line, MINILM)
@@ -342,7 +342,7 @@ def test_saturated_under_the_slo_the_cap_stays_at_one_batch_per_slot() -> None:
     d = law.fitted(16, 0.0, stats, line, MINILM, slots=2)
     assert d is not None and d.max_batch_size == math.ceil(stats.in_system / 2)
     assert not d.gather  # no gathering unless saturation cost the SLO...
-    kept = law.fitted(16, 15.0, stats, line, MINILM, slots=2)
+    kept = law.fitted(16, 15.0, stats, line, MINILM, slots=2, gathering=True)
     assert kept is not None and kept.gather and kept.max_delay_ms == 15.0  # ...but it stays on
     # Busy slots with a mean under the target is not saturation: the tail over the SLO is
     # what smaller batches shorten (the echo soak, 0.95 of its slot busy at ~9 ms a request
