@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 
 from shared.errors import RPCError
-from shared.grpc_env import READ_CHUNK_OPTIONS
+from shared.grpc_env import message_options
 from shared.pb.infermesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from shared.status_codes import error_from
 from shared.tensors import from_numpy, to_numpy
@@ -84,11 +84,7 @@ def parse_response(reply: router_pb2.InferResponse) -> Result:
 
 
 def _options(max_message_bytes: int, server_name: str) -> list[tuple[str, object]]:
-    opts: list[tuple[str, object]] = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        *READ_CHUNK_OPTIONS,
-    ]
+    opts: list[tuple[str, object]] = [*message_options(max_message_bytes)]
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts

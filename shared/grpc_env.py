@@ -1,15 +1,18 @@
-"""gRPC core settings that take effect only when set before ``grpc`` is first imported.
+"""gRPC core settings of the data path: experiments, and the options of every channel.
 
 gRPC core reads ``GRPC_EXPERIMENTS`` once, when the ``grpc`` package loads; setting it later
 changes nothing. So ``services/__init__.py`` calls ``apply()``: Python runs it before any
 service module imports ``grpc``. Clients (ours and the benchmarks' peers) keep gRPC's
-defaults.
+default experiments. ``message_options`` is what every server and channel of ours sets
+(services, the Python client, the CLI); this module imports nothing heavy, so the client
+takes it without the services' plumbing.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 #: The EventEngine client and listener (on by default since grpcio 1.6x) do socket I/O on
 #: their own thread pool and hand each completion to the asyncio thread: two extra thread
@@ -37,3 +40,14 @@ READ_CHUNK_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.experimental.tcp_min_read_chunk_size", 64 << 10),
     ("grpc.experimental.tcp_max_read_chunk_size", 4 << 20),
 )
+
+
+def message_options(max_bytes: int) -> list[tuple[str, Any]]:
+    """Channel/server options that bound message sizes in both directions and read them in
+    large chunks (``READ_CHUNK_OPTIONS``): every server and channel of the mesh, the Python
+    client's and the CLI's."""
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        *READ_CHUNK_OPTIONS,
+    ]

@@ -9,8 +9,8 @@ faults per request in the router and in the batcher. Serving every allocation up
 from the heap and keeping up to 128 MiB of it free removes them: measured on 2 cores
 through router + batcher + worker, 1 024-query searches, two alternating pairs: the mesh's
 time outside the worker's scan 9.6 / 11.3 -> 6.9 / 7.7 ms, the router's CPU per request
-6.0 -> 3.5-4.0 ms, 1.18x / 1.29x the queries per second. What a process keeps is bounded by its own peak (at most 128 MiB above
-what it uses at a time).
+6.0 -> 3.5-4.0 ms, 1.18x / 1.29x the queries per second. What a process keeps is bounded
+by its own peak (at most 128 MiB above what it uses at a time).
 
 glibc only (musl and others keep their own behaviour). The usual environment variables
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) win over these defaults.

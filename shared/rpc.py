@@ -25,7 +25,7 @@ from opentelemetry.instrumentation.grpc import (
 
 from shared import metrics
 from shared.errors import message_of, status_of
-from shared.grpc_env import READ_CHUNK_OPTIONS
+from shared.grpc_env import message_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,16 +52,6 @@ def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
         return False
     trailing = err.trailing_metadata() or ()
     return not any(key == ORIGIN_KEY for key, _ in trailing)
-
-
-def message_options(max_bytes: int) -> list[tuple[str, Any]]:
-    """Channel/server options that bound message sizes in both directions (and read them
-    in large chunks: ``shared.grpc_env.READ_CHUNK_OPTIONS``)."""
-    return [
-        ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
-        *READ_CHUNK_OPTIONS,
-    ]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from shared.errors import RPCError
+from shared.grpc_env import message_options
 from shared.pb.infermesh.v1 import collections_pb2, collections_pb2_grpc, retrieval_worker_pb2
 from shared.tensors import from_numpy
 
@@ -100,10 +101,7 @@ class Ingester:
     """Creates the collection if needed and streams batches to Collections.Upsert."""
 
     def __init__(self, router: str) -> None:
-        self._channel = grpc.insecure_channel(
-            router, options=[("grpc.max_send_message_length", 64 << 20),
-                             ("grpc.max_receive_message_length", 64 << 20)]
-        )
+        self._channel = grpc.insecure_channel(router, options=message_options(64 << 20))
         self.stub = collections_pb2_grpc.CollectionsStub(self._channel)
 
     def close(self) -> None:
