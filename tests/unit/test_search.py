@@ -189,10 +189,18 @@ def test_auto_path_keeps_compressed_blocks_on_faiss_where_float32_ones_go_groupe
     searcher = col._searcher
     assert searcher is not None
     ran: list[str] = []
-    for name in ("grouped", "faiss"):
+
+    def recorded(name: str):  # type: ignore[no-untyped-def]
         method = getattr(searcher, f"_search_{name}")
-        monkeypatch.setattr(searcher, f"_search_{name}",
-                            lambda *a, _m=method, _n=name: (ran.append(_n), _m(*a))[1])
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            ran.append(name)
+            return method(*args)
+
+        return run
+
+    for name in ("grouped", "faiss"):
+        monkeypatch.setattr(searcher, f"_search_{name}", recorded(name))
     q = mixture(100, 2)
     s, i, _ = searcher.search(q, 10, 6)
     assert ran == [expected]
