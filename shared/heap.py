@@ -1,4 +1,7 @@
-"""The C heap of a service process: keep the memory that large messages pass through.
+"""A service process's memory: the C heap that large messages pass through, and the
+Python collector's view of what was built at start-up.
+
+**The C heap: keep the memory that large messages pass through.**
 
 By default glibc serves an allocation of more than 128 KiB (a threshold that adapts upwards)
 with a fresh ``mmap`` and gives it back on ``free``, and gives the top of its heap back once
@@ -14,11 +17,23 @@ by its own peak (at most 128 MiB above what it uses at a time).
 
 glibc only (musl and others keep their own behaviour). The usual environment variables
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) win over these defaults.
+
+**The collector: leave start-up's objects out of full collections.** A running service
+holds a few hundred thousand long-lived container objects (modules, protobuf descriptors,
+gRPC, OpenTelemetry and NATS machinery, loaded specs) and its requests make short-lived
+ones; every so often CPython's oldest-generation collection walks all of them, and the
+event loop stands still meanwhile. Measured under MiniLM at c=32 on 2 cores: 48-78 ms
+pauses in the router and the batcher, 18-28 ms in the worker, a few times a minute each;
+every request in flight waits them out, which made most of that run's latency spikes.
+``gc.freeze()`` once start-up is done moves what exists then to a permanent generation
+the collector no longer walks (as CPython's docs suggest for long-lived servers); what
+requests create is still collected as before.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import platform
 
@@ -44,3 +59,10 @@ def keep_large_buffers() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then exempt every object alive now from later collections; how many."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

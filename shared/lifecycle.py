@@ -236,6 +236,7 @@ def main(service_factory: Callable[[], Service], name: str, level: str = "INFO")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
         await service.start()
+        heap.freeze_startup_objects()
         await service.run()
 
     try:
