@@ -102,6 +102,7 @@ class Batcher(Service, Queues):
             max_delay_ms=spec.max_delay_ms,
             preferred_sizes=spec.preferred_batch_sizes,
             capacity=spec.max_queue or self.cfg.default_capacity,
+            limit=spec.max_batch_size,
         )
 
     def _with_kv_policy(self, policy: Policy, target: str, spec: ModelSpec) -> Policy:
@@ -115,6 +116,7 @@ class Batcher(Service, Queues):
             max_delay_ms=max(0.0, written.max_delay_ms),
             preferred_sizes=written.preferred_sizes,
             gather=written.gather,
+            limit=spec.max_batch_size,
         )
 
     def _apply_policy(self, target: str, written: BatchPolicy | None) -> None:

@@ -93,6 +93,46 @@ async def test_a_saturated_target_gathers_its_batch_even_with_nothing_in_flight(
     assert rec.batches[1] == ["3"]
 
 
+async def test_a_gathering_slot_waits_for_its_callers_and_takes_the_one_left_behind() -> None:
+    # Saturated closed loop: the batch that just ended had 3 callers, and one request left
+    # behind by an earlier batch has waited longer than the delay. The slot's next batch is
+    # the straggler plus all 3 callers: leaving at the cap with the straggler and 2 of them
+    # (or at once, for the straggler's age) would strand the third behind a whole batch.
+    rec = Recorder()
+    rec.release.clear()
+    policy = Policy(max_batch_size=3, max_delay_ms=200, gather=True, limit=8)
+    q = await run_queue(policy, rec)
+    for i in range(3):
+        q.submit(item(i), 0, INF)
+    await eventually_sync(lambda: len(rec.batches) == 1)
+    q.submit(item(99), 0, INF)  # the straggler, older than the delay when the slot frees
+    await asyncio.sleep(0.25)
+    rec.release.set()
+    await eventually_sync(lambda: q.inflight == 0)
+    for i in range(3, 6):  # the callers come back
+        q.submit(item(i), 0, INF)
+    await eventually_sync(lambda: len(rec.batches) == 2)
+    assert rec.batches[1] == ["99", "3", "4", "5"]
+
+
+async def test_a_gathering_slot_sends_callers_past_the_cap_to_the_next_batch() -> None:
+    # The cap fell while a batch of 3 ran: 2 of its callers go, the third leads the next
+    # batch. Group sizes drift back to the cap instead of wandering.
+    rec = Recorder()
+    rec.release.clear()
+    q = await run_queue(Policy(max_batch_size=3, max_delay_ms=50, gather=True, limit=8), rec)
+    for i in range(3):
+        q.submit(item(i), 0, INF)
+    await eventually_sync(lambda: len(rec.batches) == 1)
+    q.set_policy(Policy(max_batch_size=2, max_delay_ms=50, gather=True, limit=8))
+    rec.release.set()
+    await eventually_sync(lambda: q.inflight == 0)
+    for i in range(3, 6):
+        q.submit(item(i), 0, INF)
+    await eventually_sync(lambda: len(rec.batches) == 3)
+    assert rec.batches[1:] == [["3", "4"], ["5"]]
+
+
 async def test_a_preferred_size_is_dispatched_at_once() -> None:
     rec = Recorder()
     q = await run_queue(Policy(max_batch_size=8, max_delay_ms=10_000, preferred_sizes=(2,)), rec)
