@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,8 +38,8 @@ class Policy:
     gather: bool = False
     """Wait the delay for a full batch even with none in flight (``BatchPolicy.gather``)."""
     limit: int = 0
-    """The model's own largest batch (0: ``max_batch_size``); a gathered batch may pass the
-    cap by the requests left behind earlier, never this."""
+    """The model's own largest batch (0: ``max_batch_size``): a gathering slot takes its
+    share of the callers (``TargetQueue._gather``) up to this, not the cap."""
 
 
 @dataclass(order=True)
@@ -97,6 +98,7 @@ class TargetQueue:
         self._first_arrival = 0.0
         self._rows = 0
         self.inflight = 0
+        self._inflight_rows = 0
         # (when, rows) of each batch that ended and gave its slot back, oldest first: in a
         # closed loop those callers are what a gathering slot waits for.
         self._freed: deque[tuple[float, int]] = deque(maxlen=64)
@@ -184,29 +186,36 @@ class TargetQueue:
         return 0
 
     async def _gather(self, freed_at: float, freed_rows: int) -> int:
-        """Saturated: wait for the callers of the batch that gave this slot back; its size.
+        """Saturated: wait for this slot's share of the callers; the batch's size.
 
-        The batch is those callers (at most the cap) plus whoever was already waiting when
-        the slot came free: requests a full earlier batch left behind. Cutting it at the cap
-        instead left one of the returning callers behind for a whole batch more, to take a
-        seat in the other slot's batch and leave one of those behind in turn (measured:
-        MiniLM at c=32, 8 % of the requests in broken batches of 4-12, queue p99 75 ms). The
-        delay runs from when the slot came free, not from a waiting request's arrival.
+        In a closed loop that holds the model full, the callers are those of the batches
+        that ended and are on their way back, those of the batches still running, and
+        whoever was already queued when this slot came free (left behind by an earlier
+        batch). Each slot's batch is an even share of them (at most the model's limit),
+        which keeps the slots' groups even whatever the controller's estimate: its cap,
+        from Little's N, misses the callers in transit, and a cap of 15 for 32 callers left
+        two behind every cycle. Cutting at the cap with the delay counted from the oldest
+        queued request made one straggler end the gather at once or take a returning
+        caller's seat, and that caller was left behind in turn (MiniLM at c=32: 8 % of the
+        requests in broken batches of 4-12, queue p99 75-86 ms). The delay runs from when
+        the slot came free.
         """
         p = self.policy
         limit = p.limit or p.max_batch_size
         due = max(freed_at, self._first_arrival) + p.max_delay_ms / 1000.0
         while True:
             behind = sum(q.rows for q in self._heap if q.enqueued < freed_at)
-            want = min(limit, behind + min(freed_rows, p.max_batch_size))
+            returning = freed_rows + sum(rows for _, rows in self._freed)
+            callers = returning + self._inflight_rows + behind
+            want = min(limit, max(1, math.ceil(callers / max(1, self._slots()))))
             left = due - time.monotonic()
             if self._rows >= want or left <= 0:
-                return min(want, limit)
+                return want
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
             except TimeoutError:
-                return min(want, limit)
+                return want
 
     def _take(self, size: int = 0) -> list[Pending]:
         size = size or self._ready_size() or self.policy.max_batch_size
@@ -238,6 +247,7 @@ class TargetQueue:
     def _start(self, batch: list[Pending]) -> None:
         self.inflight += 1
         rows = sum(p.rows for p in batch)
+        self._inflight_rows += rows
         metrics.BATCH_SIZE.labels(self.target).observe(rows)
         task = asyncio.get_running_loop().create_task(self._dispatch(self.target, batch))
         self._tasks.add(task)
@@ -246,6 +256,7 @@ class TargetQueue:
     def _done(self, task: asyncio.Task[None], rows: int) -> None:
         self._tasks.discard(task)
         self.inflight -= 1
+        self._inflight_rows -= rows
         self._freed.append((time.monotonic(), rows))
         self._slot_freed.set()
 

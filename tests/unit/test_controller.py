@@ -9,7 +9,9 @@ drives a small discrete-event model of the data path, on a simulated clock:
   and the batcher's Submit), on two cores that the batch dispatches share;
 - the queue follows TargetQueue's rules (a batch goes at once when nothing is in flight,
   unless the policy says gather, else when full or when its oldest request waited
-  max_delay, and only into a free slot);
+  max_delay, and only into a free slot; gathering, a freed slot waits for its even share
+  of the callers, those returning, running and queued, for at most max_delay from when it
+  came free);
 - each batch costs CPU to dispatch (the Execute RPC), then runs a + b·n ms on the worker,
   which reports size, mean queue wait and exec time, as BatchObserved does: the controller
   never sees the CPU costs, only what they do to the queue.
@@ -21,6 +23,7 @@ and per-request costs that put capacity near 1 000 req/s, cap 1 carries only ~43
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -113,10 +116,11 @@ class Mesh:
         controller.lease._fresh_until = float("inf")  # the only replica: always the leader
         cap, delay, gather = self.model_max_batch, 1.0, False
         queue: deque[tuple[float, float]] = deque()  # (arrived, queued) ms
+        freed: deque[tuple[float, int]] = deque()  # (when, rows) of each batch that ended
         cpu_waiting: deque[tuple[float, str, Any]] = deque()
         events: list[tuple[float, int, str, Any]] = []
         seq = 0
-        busy_cores = inflight = shed = 0
+        busy_cores = inflight = inflight_rows = shed = 0
         timer: float | None = None
         done_at: list[float] = []
         batcher_ms: list[float] = []
@@ -144,17 +148,30 @@ class Mesh:
                 at(now[0] + cost, kind, data)
 
         def form() -> None:
-            nonlocal inflight, timer
+            nonlocal inflight, inflight_rows, timer
             t = now[0]
             while queue and inflight < self.slots:
-                due = queue[0][1] + delay
-                if (inflight or gather) and len(queue) < cap and t < due:
+                if not gather:
+                    freed.clear()
+                if gather and freed:
+                    at_free = freed[0][0]
+                    behind = sum(1 for _, queued in queue if queued < at_free)
+                    callers = sum(rows for _, rows in freed) + inflight_rows + behind
+                    want = min(self.model_max_batch, math.ceil(callers / self.slots))
+                    due = max(at_free, queue[0][1]) + delay
+                else:
+                    want = cap
+                    due = queue[0][1] + delay
+                if (inflight or gather) and len(queue) < want and t < due:
                     if timer is None or timer > due:
                         timer = due
                         at(due, "timer")
                     return
-                batch = [queue.popleft() for _ in range(min(cap, len(queue)))]
+                if gather and freed:
+                    freed.popleft()
+                batch = [queue.popleft() for _ in range(min(want, len(queue)))]
                 inflight += 1
+                inflight_rows += len(batch)
                 on_cpu(self.dispatch_cpu_ms, "dispatched", (batch, t))
 
         if self.callers:
@@ -192,6 +209,8 @@ class Mesh:
             elif kind == "executed":
                 batch, formed, exec_ms = data
                 inflight -= 1
+                inflight_rows -= len(batch)
+                freed.append((t, len(batch)))
                 waits = [formed - queued for _, queued in batch]
                 controller.add(
                     BatchObserved(

@@ -115,22 +115,25 @@ async def test_a_gathering_slot_waits_for_its_callers_and_takes_the_one_left_beh
     assert rec.batches[1] == ["99", "3", "4", "5"]
 
 
-async def test_a_gathering_slot_sends_callers_past_the_cap_to_the_next_batch() -> None:
-    # The cap fell while a batch of 3 ran: 2 of its callers go, the third leads the next
-    # batch. Group sizes drift back to the cap instead of wandering.
+async def test_gathering_slots_split_the_callers_evenly_whatever_the_cap() -> None:
+    # Two slots ran batches of 3; the controller's cap is now 2 (its estimate of the callers
+    # misses those in transit). A cap of 2 would leave two of the 6 callers behind each
+    # cycle; each slot takes its even share instead.
     rec = Recorder()
     rec.release.clear()
-    q = await run_queue(Policy(max_batch_size=3, max_delay_ms=50, gather=True, limit=8), rec)
-    for i in range(3):
+    q = await run_queue(
+        Policy(max_batch_size=3, max_delay_ms=200, gather=True, limit=8), rec, slots=2
+    )
+    for i in range(6):
         q.submit(item(i), 0, INF)
-    await eventually_sync(lambda: len(rec.batches) == 1)
-    q.set_policy(Policy(max_batch_size=2, max_delay_ms=50, gather=True, limit=8))
+    await eventually_sync(lambda: len(rec.batches) == 2)
+    q.set_policy(Policy(max_batch_size=2, max_delay_ms=200, gather=True, limit=8))
     rec.release.set()
     await eventually_sync(lambda: q.inflight == 0)
-    for i in range(3, 6):
+    for i in range(6, 12):  # the callers come back
         q.submit(item(i), 0, INF)
-    await eventually_sync(lambda: len(rec.batches) == 3)
-    assert rec.batches[1:] == [["3", "4"], ["5"]]
+    await eventually_sync(lambda: len(rec.batches) == 4)
+    assert rec.batches[2:] == [["6", "7", "8"], ["9", "10", "11"]]
 
 
 async def test_a_preferred_size_is_dispatched_at_once() -> None:
