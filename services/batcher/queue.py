@@ -4,8 +4,9 @@ A batch is dispatched when it reaches ``max_batch_size`` or a preferred size, or
 oldest request has waited ``max_delay_ms``, and only while a dispatch slot is free: when
 every worker is busy, requests accumulate and the next batch is larger, so batch size
 follows load. When no batch of the target is in flight at all, what is queued goes at once
-(an idle worker gains nothing from the wait). Requests whose deadline passed, or whose
-caller went away, are never run.
+(an idle worker gains nothing from the wait). Saturated (the policy's ``gather``), a slot
+that comes free waits, up to the delay, for its even share of the callers of a closed loop
+instead. Requests whose deadline passed, or whose caller went away, are never run.
 """
 
 from __future__ import annotations
