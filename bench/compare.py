@@ -7,6 +7,9 @@ LanceDB and raw FAISS, each peer installed into its own pinned venv under ``.ben
 1. inference: all-MiniLM-L6-v2 on 32 pre-tokenized tokens, KServe v2 gRPC, concurrency
    1/8/32, driven by NVIDIA's perf_analyzer (infermesh router, Triton) and by one Python
    grpc.aio closed-loop client (bench/loadgen.py) common to infermesh, Triton and Ray Serve;
+   every system runs each concurrency for ``settle_s`` before either client measures it
+   (infermesh's batch controller needs a few 1-s decisions after a step in load; static
+   batching does not, and loses nothing by the wait);
 2. overhead: a trivial model, FP32[16] (y = 2x on Triton and Ray; infermesh's shipped
    ``echo`` model, y = x, the same cost class), same clients and concurrencies;
 3. retrieval: the collection of bench/retrieval_engine.py (1 M x 384; 200 k with --quick),
@@ -123,6 +126,8 @@ class Serving:
     def __init__(self, workloads: list[str], quick: bool, work: Path) -> None:
         self.workloads = workloads
         self.seconds = 4.0 if quick else 10.0
+        #: Load at each level before it is measured (as bench/inference.py does).
+        self.settle_s = 2.0 if quick else 10.0
         self.window_ms = 2000 if quick else 5000
         self.work = work
         self.rows: list[dict[str, Any]] = []
@@ -168,6 +173,7 @@ class Serving:
         log(f"{system} / {workload}: output checked ({self.checks[f'{system}/{workload}']})")
         if perf is not None and not self.perf_ok:
             for c in LEVELS:
+                asyncio.run(load(target, inputs, c, self.settle_s, warmup_s=0.0))
                 try:
                     r = perf_analyzer.run(
                         target.model,
@@ -183,7 +189,7 @@ class Serving:
                     continue
                 self._row(system, workload, "perf_analyzer", r, note)
         for c in LEVELS:
-            run = asyncio.run(load(target, inputs, c, self.seconds))
+            run = asyncio.run(load(target, inputs, c, self.seconds, warmup_s=self.settle_s))
             row = run.row()
             row.pop("label")
             self._row(system, workload, "python grpc.aio", row, note)
