@@ -84,7 +84,7 @@ def parse_response(reply: router_pb2.InferResponse) -> Result:
 
 
 def _options(max_message_bytes: int, server_name: str) -> list[tuple[str, object]]:
-    opts: list[tuple[str, object]] = [*message_options(max_message_bytes)]
+    opts: list[tuple[str, object]] = message_options(max_message_bytes)
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts

@@ -82,6 +82,11 @@ class Outcome:
 Dispatch = Callable[[str, list[Pending]], Awaitable[None]]
 
 
+def even_share(callers: int, slots: int, limit: int) -> int:
+    """One slot's batch in a saturated closed loop: its even share of the callers."""
+    return min(limit, max(1, math.ceil(callers / max(1, slots))))
+
+
 class TargetQueue:
     """Forms batches for one target and hands them to dispatch()."""
 
@@ -166,19 +171,18 @@ class TargetQueue:
         # With nothing in flight the worker is idle: waiting would only add latency, so the
         # batch goes now. Under load batches are in flight, and the delay lets them grow.
         # Saturated (``gather``), the idle slot is waiting for callers on their way back.
-        freed = self._freed.popleft() if self._freed else None
         if not self.policy.gather:
-            self._freed.clear()
+            self._freed.clear()  # only a gathering slot reads them
             if self.inflight == 0:
                 return 0
-        elif freed is not None:
-            return await self._gather(*freed)
+        elif self._freed:
+            return await self._gather(*self._freed.popleft())
         while self._heap and not self._ready_size():
             # Read the policy each pass: set_policy() wakes this wait with a new delay.
             due = self._first_arrival + self.policy.max_delay_ms / 1000.0
             left = due - time.monotonic()
             if left <= 0:
-                return
+                return 0
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
@@ -207,8 +211,7 @@ class TargetQueue:
         while True:
             behind = sum(q.rows for q in self._heap if q.enqueued < freed_at)
             returning = freed_rows + sum(rows for _, rows in self._freed)
-            callers = returning + self._inflight_rows + behind
-            want = min(limit, max(1, math.ceil(callers / max(1, self._slots()))))
+            want = even_share(returning + self._inflight_rows + behind, self._slots(), limit)
             left = due - time.monotonic()
             if self._rows >= want or left <= 0:
                 return want

@@ -23,7 +23,6 @@ and per-request costs that put capacity near 1 000 req/s, cap 1 carries only ~43
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import numpy as np
 
 from services.batcher import control_law as law
 from services.batcher.controller import BatchController
+from services.batcher.queue import even_share
 from shared.events import BatchObserved, BatchPolicy, ModelSpec
 
 SLO_MS = 20.0
@@ -157,7 +157,7 @@ class Mesh:
                     at_free = freed[0][0]
                     behind = sum(1 for _, queued in queue if queued < at_free)
                     callers = sum(rows for _, rows in freed) + inflight_rows + behind
-                    want = min(self.model_max_batch, math.ceil(callers / self.slots))
+                    want = even_share(callers, self.slots, self.model_max_batch)
                     due = max(at_free, queue[0][1]) + delay
                 else:
                     want = cap
