@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.peers.common import RECALL_TARGET, load_data, recall
+from bench.peers.common import LOGS, RECALL_TARGET, load_data, recall
 from shared.cli.supervisor import LocalMesh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,21 @@ NPROBES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 #: Services without OpenTelemetry spans: no exporter is configured in the benchmark, and
 #: the peers trace nothing either.
 ENV = {"INFERMESH_TRACING": "false", "INFERMESH_LOG_LEVEL": "WARNING"}
+#: The batcher logs each batch policy it reads (a line per change, not per request): kept,
+#: so a run's tail can be read against what the controller did at the time.
+SERVICE_ENV = {"batcher": {"INFERMESH_LOG_LEVEL": "INFO"}}
+
+
+@contextmanager
+def kept_logs(mesh: LocalMesh, name: str) -> Iterator[LocalMesh]:
+    """Copy the mesh's service logs to ``.bench/logs/mesh-<name>/`` when the block ends."""
+    try:
+        yield mesh
+    finally:
+        target = LOGS / f"mesh-{name}"
+        target.mkdir(parents=True, exist_ok=True)
+        for log in mesh.logs.glob("*.log"):
+            (target / log.name).write_bytes(log.read_bytes())
 
 
 def versions() -> dict[str, str]:
@@ -73,9 +88,15 @@ def inference_mesh(models: str = "minilm-l6,echo") -> Iterator[LocalMesh]:
             "INFERMESH_MODEL_CACHE": str(MODEL_CACHE),
             "INFERMESH_MODEL_REPOSITORY": str(repo),
         }
-        with LocalMesh(
-            Path(tmp) / "mesh", env=env, replicas={"retrieval-worker": 0, "tiering": 0}
-        ) as mesh:
+        with (
+            LocalMesh(
+                Path(tmp) / "mesh",
+                env=env,
+                replicas={"retrieval-worker": 0, "tiering": 0},
+                service_env=SERVICE_ENV,
+            ) as mesh,
+            kept_logs(mesh, "inference"),
+        ):
             mesh.start()
             yield mesh
 
@@ -147,7 +168,10 @@ def retrieval(data_dir: Path, budget_s: float, codec: str = "none") -> dict[str,
         )
         build_s = time.perf_counter() - t
         env = {**ENV, "INFERMESH_WARM_CODEC": codec}
-        with LocalMesh(Path(tmp), env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh:
+        with (
+            LocalMesh(Path(tmp), env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh,
+            kept_logs(mesh, f"retrieval-{codec}"),
+        ):
             t = time.perf_counter()
             mesh.start()
             rb.wait_advertised(mesh.router_address, n)
