@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import gzip
 import importlib.util
 import json
@@ -326,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
             replicas={"retrieval-worker": 0, "tiering": 1},
             service_env={"inference-worker": worker_env},
+            keep_logs=args.logs,
         )
         try:
             mesh.start(on_step=lambda step: print(step, flush=True), timeout=args.start_timeout)
@@ -335,9 +335,6 @@ def main(argv: list[str] | None = None) -> int:
             runs, accuracy, code = [], "", 1
         finally:
             mesh.stop()
-            if args.logs is not None:
-                with contextlib.suppress(OSError):
-                    shutil.copytree(mesh.logs, args.logs, dirs_exist_ok=True)
     if code:
         return code
 

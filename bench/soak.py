@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -308,16 +307,14 @@ def main() -> None:
         }
         if args.model != "echo":
             env["INFERMESH_MODEL_CACHE"] = str(ROOT / ".infermesh" / "models")
-        mesh = LocalMesh(
-            Path(tmp) / "mesh", env=env, replicas={"tiering": 0, "retrieval-worker": 0}
-        )
-        try:
-            with mesh:
-                mesh.start(timeout=120)
-                code = asyncio.run(run(args, mesh))
-        finally:
-            if args.keep_logs is not None:
-                shutil.copytree(mesh.logs, args.keep_logs, dirs_exist_ok=True)
+        with LocalMesh(
+            Path(tmp) / "mesh",
+            env=env,
+            replicas={"tiering": 0, "retrieval-worker": 0},
+            keep_logs=args.keep_logs,
+        ) as mesh:
+            mesh.start(timeout=120)
+            code = asyncio.run(run(args, mesh))
     raise SystemExit(code)
 
 

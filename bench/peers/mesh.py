@@ -28,21 +28,10 @@ NPROBES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 #: Services without OpenTelemetry spans: no exporter is configured in the benchmark, and
 #: the peers trace nothing either.
 ENV = {"INFERMESH_TRACING": "false", "INFERMESH_LOG_LEVEL": "WARNING"}
-#: The batcher logs each batch policy it reads (a line per change, not per request): kept,
-#: so a run's tail can be read against what the controller did at the time.
+#: The batcher logs each batch policy it reads (a line per change, not per request): the
+#: logs are kept in ``.bench/logs/mesh-<run>/``, so a run's tail can be read against what
+#: the controller did at the time.
 SERVICE_ENV = {"batcher": {"INFERMESH_LOG_LEVEL": "INFO"}}
-
-
-@contextmanager
-def kept_logs(mesh: LocalMesh, name: str) -> Iterator[LocalMesh]:
-    """Copy the mesh's service logs to ``.bench/logs/mesh-<name>/`` when the block ends."""
-    try:
-        yield mesh
-    finally:
-        target = LOGS / f"mesh-{name}"
-        target.mkdir(parents=True, exist_ok=True)
-        for log in mesh.logs.glob("*.log"):
-            (target / log.name).write_bytes(log.read_bytes())
 
 
 def versions() -> dict[str, str]:
@@ -88,15 +77,13 @@ def inference_mesh(models: str = "minilm-l6,echo") -> Iterator[LocalMesh]:
             "INFERMESH_MODEL_CACHE": str(MODEL_CACHE),
             "INFERMESH_MODEL_REPOSITORY": str(repo),
         }
-        with (
-            LocalMesh(
-                Path(tmp) / "mesh",
-                env=env,
-                replicas={"retrieval-worker": 0, "tiering": 0},
-                service_env=SERVICE_ENV,
-            ) as mesh,
-            kept_logs(mesh, "inference"),
-        ):
+        with LocalMesh(
+            Path(tmp) / "mesh",
+            env=env,
+            replicas={"retrieval-worker": 0, "tiering": 0},
+            service_env=SERVICE_ENV,
+            keep_logs=LOGS / "mesh-inference",
+        ) as mesh:
             mesh.start()
             yield mesh
 
@@ -168,10 +155,12 @@ def retrieval(data_dir: Path, budget_s: float, codec: str = "none") -> dict[str,
         )
         build_s = time.perf_counter() - t
         env = {**ENV, "INFERMESH_WARM_CODEC": codec}
-        with (
-            LocalMesh(Path(tmp), env=env, replicas={"inference-worker": 0, "tiering": 0}) as mesh,
-            kept_logs(mesh, f"retrieval-{codec}"),
-        ):
+        with LocalMesh(
+            Path(tmp),
+            env=env,
+            replicas={"inference-worker": 0, "tiering": 0},
+            keep_logs=LOGS / f"mesh-retrieval-{codec}",
+        ) as mesh:
             t = time.perf_counter()
             mesh.start()
             rb.wait_advertised(mesh.router_address, n)

@@ -8,7 +8,9 @@ tiering, NATS last. Tests and benchmarks use the same class.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,9 +51,13 @@ class LocalMesh:
         replicas: dict[str, int] | None = None,
         router_port: int = 0,
         service_env: dict[str, dict[str, str]] | None = None,
+        keep_logs: Path | None = None,
     ) -> None:
+        """``keep_logs``: a folder the service logs are copied to once the mesh stopped
+        (benchmarks run a mesh in a temporary folder and read its logs afterwards)."""
         self.data_dir = data_dir.resolve()
         self.logs = self.data_dir / "logs"
+        self.keep_logs = keep_logs
         self.env = env or {}
         self.replicas = {name: 1 for name in ORDER} | (replicas or {})
         self.router_port = router_port
@@ -175,6 +181,11 @@ class LocalMesh:
         if self.nats is not None:
             codes["nats"] = self.nats.stop(timeout)
         (self.data_dir / "mesh.json").unlink(missing_ok=True)
+        if self.keep_logs is not None and self.logs.is_dir():
+            # After every process stopped, so the copy holds their last lines. A failed copy
+            # must not replace the exception the mesh may be stopping for.
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.logs, self.keep_logs, dirs_exist_ok=True)
         return codes
 
     def __enter__(self) -> LocalMesh:

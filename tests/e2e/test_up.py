@@ -196,3 +196,19 @@ def test_a_port_taken_between_pick_and_bind_is_picked_again(
         mesh.stop()
         for s in squatters:
             s.close()
+
+
+def test_a_mesh_keeps_its_logs_with_their_last_lines_once_it_stopped(tmp_path: Path) -> None:
+    # Benchmarks run a mesh in a temporary folder and read its logs after the run: the copy
+    # is made once every process stopped, so it holds the shutdown too.
+    from shared.cli import supervisor
+
+    kept = tmp_path / "kept"
+    only_router = {name: 0 for name in supervisor.ORDER} | {"router": 1}
+    with supervisor.LocalMesh(tmp_path / "mesh", replicas=only_router, keep_logs=kept) as mesh:
+        mesh.start()
+        assert not kept.exists()
+    router_log = (kept / "router.log").read_text()
+    assert "router serving on" in router_log
+    assert "router stopped" in router_log
+    assert (kept / "nats.log").is_file()
