@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -19,8 +20,8 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.api import DEFAULT_PREFIX, KeyValueConfig
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -254,6 +255,60 @@ class Bus:
             )
         self._buckets[bucket] = kv
         return kv
+
+    async def _kv_stream(self, bucket: str, subjects: bool, offset: int = 0) -> dict[str, Any]:
+        """The STREAM.INFO reply of a bucket's stream, with one page of its subjects if asked."""
+        body = {"subjects_filter": f"$KV.{bucket}.>", "offset": offset} if subjects else {}
+        msg = await self.nc.request(
+            f"{DEFAULT_PREFIX}.STREAM.INFO.KV_{bucket}", json.dumps(body).encode(), timeout=5
+        )
+        reply: dict[str, Any] = json.loads(msg.data)
+        if "error" in reply:
+            APIError.from_error(reply["error"])  # raises the matching NotFoundError etc.
+        return reply
+
+    async def kv_replayed_at(self, bucket: str) -> int:
+        """The stream sequence a watcher started now has replayed the bucket up to; 0 = empty.
+
+        A watch's own end-of-replay marker can come before buffered or later-numbered entries
+        (nats-io/nats.py#842); the replay is whole once an entry at or past this one arrived.
+        """
+        state = (await self._kv_stream(bucket, subjects=False))["state"]
+        return int(state["last_seq"]) if state.get("messages") else 0
+
+    async def kv_replay_lapsed(self, bucket: str, seq: int) -> bool:
+        """Whether the bucket no longer holds sequence `seq` (expired by TTL, or emptied)."""
+        state = (await self._kv_stream(bucket, subjects=False))["state"]
+        return not state.get("messages") or int(state["first_seq"]) > seq
+
+    async def kv_items(self, bucket: str, create: bool = True) -> dict[str, bytes]:
+        """The bucket's current values by key (deleted keys left out); {} for no bucket.
+
+        Keys come from the stream's subject index (STREAM.INFO with a subjects filter, paged),
+        not from ``kv.keys()``: its watcher may end the replay before every key arrived
+        (nats-io/nats.py#842), and a restarted service then took a full bucket for an empty one.
+        """
+        try:
+            kv = await self.kv(bucket) if create else await self.js.key_value(bucket)
+        except BucketNotFoundError:
+            return {}
+        prefix = f"$KV.{bucket}."
+        keys: list[str] = []
+        while True:
+            reply = await self._kv_stream(bucket, subjects=True, offset=len(keys))
+            page = reply["state"].get("subjects") or {}
+            keys.extend(subject[len(prefix) :] for subject in page)
+            if not page or len(keys) >= int(reply.get("total", 0)):
+                break
+        items: dict[str, bytes] = {}
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # deleted or purged: its marker keeps the subject listed
+                continue
+            if entry.value:
+                items[key] = entry.value
+        return items
 
     async def close(self) -> None:
         """Drain subscriptions and close; safe to call twice."""

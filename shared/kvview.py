@@ -80,6 +80,7 @@ class KVView(Generic[T]):
             generation = self._bus.generation
             try:
                 kv = await self._bus.kv(self._bucket, ttl=self._ttl)
+                replayed_at = await self._bus.kv_replayed_at(self._bucket)
                 watcher = await kv.watchall()
             except asyncio.CancelledError:
                 raise
@@ -87,7 +88,7 @@ class KVView(Generic[T]):
                 log.debug("watch of %s failed (%s); retrying", self._bucket, exc)
                 await asyncio.sleep(0.5)
                 continue
-            consume = asyncio.ensure_future(self._consume(watcher))
+            consume = asyncio.ensure_future(self._consume(watcher, replayed_at))
             moved = asyncio.ensure_future(self._bus.wait_reconnect(generation))
             try:
                 await asyncio.wait({consume, moved}, return_when=asyncio.FIRST_COMPLETED)
@@ -100,26 +101,46 @@ class KVView(Generic[T]):
                 log.debug("watch of %s interrupted: %s", self._bucket, consume.exception())
                 await asyncio.sleep(0.5)
 
-    async def _consume(self, watcher: Any) -> None:
+    async def _consume(self, watcher: Any, replayed_at: int) -> None:
+        """Apply the watcher's entries; the replay is whole at sequence `replayed_at`.
+
+        The watcher's own end-of-replay marker (None) can come early (nats-io/nats.py#842):
+        then the keys still in flight would be dropped as vanished and `ready` would be set on
+        a partial copy. So the replay ends at the first entry at or past the stream's last
+        sequence taken before the watch, or at the marker if that sequence has since expired.
+        """
         seen: set[str] | None = set()
+
+        def replayed() -> None:
+            nonlocal seen
+            if seen is None:
+                return
+            for key in set(self.values) - seen:
+                self._vanished(key)
+            seen = None
+            self.ready.set()
+            self._changed.set()
+
+        if replayed_at == 0:
+            replayed()
         async for entry in watcher:
-            if entry is None:  # the replay of current values is complete
-                if seen is not None:
-                    for key in set(self.values) - seen:
-                        self._vanished(key)
-                    seen = None
-                self.ready.set()
-                self._changed.set()
+            if entry is None:
+                if seen is not None and await self._bus.kv_replay_lapsed(
+                    self._bucket, replayed_at
+                ):
+                    replayed()
                 continue
             if seen is not None:
                 seen.add(entry.key)
             if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                 self._apply(entry.key, None)
-                continue
-            try:
-                self._apply(entry.key, self._decoder.decode(entry.value))
-            except msgspec.DecodeError as exc:
-                log.warning("skipping bad record %s/%s: %s", self._bucket, entry.key, exc)
+            else:
+                try:
+                    self._apply(entry.key, self._decoder.decode(entry.value))
+                except msgspec.DecodeError as exc:
+                    log.warning("skipping bad record %s/%s: %s", self._bucket, entry.key, exc)
+            if (entry.revision or 0) >= replayed_at:
+                replayed()
 
     async def put(self, key: str, value: Any) -> int:
         """Write a value (an event Struct) to the bucket; returns the revision."""

@@ -35,8 +35,6 @@ import os
 import threading
 import time
 
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
-
 from services.retrieval_worker.blocks import Tier
 from services.retrieval_worker.holdings import Holdings
 from shared import metrics
@@ -122,23 +120,13 @@ class TierAgent:
         if not new:
             return 0
         decided: list[tuple[str, int, Tier]] = []
-        try:
-            kv = await self.bus.kv(PLACEMENT_BUCKET)
-            keys = await kv.keys()
-        except (NoKeysError, BucketNotFoundError):
-            keys = []
-        for key in keys:
+        for key, value in (await self.bus.kv_items(PLACEMENT_BUCKET)).items():
             token, _, rest = key.partition(".")
             name, _, block_token = rest.rpartition(".")
             if token != self.token or name not in new:
                 continue
-            try:
-                entry = await kv.get(key)
-            except NotFoundError:
-                continue
-            if entry.value:
-                placed = block_placed_decoder.decode(entry.value)
-                decided.append((name, int(block_token), Tier(placed.tier)))
+            placed = block_placed_decoder.decode(value)
+            decided.append((name, int(block_token), Tier(placed.tier)))
         applied = 0
         async with self._moving:
             for name, block, tier in decided:

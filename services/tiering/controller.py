@@ -17,7 +17,6 @@ from collections import deque
 
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import NoKeysError
 from opentelemetry import trace
 
 from services.tiering.config import TieringConfig
@@ -78,17 +77,10 @@ class TieringController:
 
     async def recover(self) -> None:
         """Seed tiers and frequencies from the placement KV (after a restart)."""
-        kv = await self.bus.kv(PLACEMENT_BUCKET)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return
+        items = await self.bus.kv_items(PLACEMENT_BUCKET)
         now = time.time()
-        for key in keys:
-            entry = await kv.get(key)
-            if not entry.value:
-                continue
-            placed: BlockPlaced = block_placed_decoder.decode(entry.value)
+        for value in items.values():
+            placed: BlockPlaced = block_placed_decoder.decode(value)
             stat = self.freq.stats[(placed.worker, placed.collection, placed.block)] = BlockStat(
                 placed.worker,
                 placed.collection,
@@ -99,7 +91,7 @@ class TieringController:
             )
             self.freq.seed(stat, placed.frequency)
             self.revision = max(self.revision, placed.revision)
-        log.info("recovered placement of %d blocks from KV", len(keys))
+        log.info("recovered placement of %d blocks from KV", len(items))
 
     async def on_access(self, event: BlockAccess) -> None:
         now = time.time()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from nats.js.errors import BucketNotFoundError, NoKeysError
-
 from shared.bus import Bus
 from shared.events import (
     MEMBERS_BUCKET,
@@ -38,20 +36,8 @@ class Snapshot:
 
 
 async def _values(bus: Bus, bucket: str, decoder: object) -> list[object]:
-    try:
-        kv = await bus.js.key_value(bucket)
-        keys = await kv.keys()
-    except (BucketNotFoundError, NoKeysError):
-        return []
-    out = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except Exception:
-            continue
-        if entry.value:
-            out.append(decoder.decode(entry.value))  # type: ignore[attr-defined]
-    return out
+    items = await bus.kv_items(bucket, create=False)
+    return [decoder.decode(value) for value in items.values()]  # type: ignore[attr-defined]
 
 
 async def read(bus: Bus) -> Snapshot:
