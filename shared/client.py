@@ -29,7 +29,7 @@ import numpy as np
 from shared.errors import RPCError
 from shared.grpc_env import message_options
 from shared.pb.infermesh.v1 import common_pb2, router_pb2, router_pb2_grpc
-from shared.status_codes import error_from
+from shared.status_codes import error_from, peer_ended_under_a_write
 from shared.tensors import from_numpy, to_numpy
 
 
@@ -231,7 +231,8 @@ class InferStream:
                 if future is not None and not future.done():
                     future.set_result(reply)
         except grpc.aio.AioRpcError as err:
-            failure = RPCError(err.details() or err.code().name, err.code())
+            if not peer_ended_under_a_write(err):  # else: the router ended it (drain)
+                failure = RPCError(err.details() or err.code().name, err.code())
         except asyncio.CancelledError:
             failure = RPCError("stream closed", grpc.StatusCode.CANCELLED)
         finally:

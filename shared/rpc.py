@@ -26,14 +26,12 @@ from opentelemetry.instrumentation.grpc import (
 from shared import metrics
 from shared.errors import message_of, status_of
 from shared.grpc_env import message_options
+from shared.status_codes import ORIGIN_KEY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_SERVICE = health.SERVICE_NAME
-#: Trailing metadata key naming the service that produced an error status. Its absence on an
-#: UNAVAILABLE means the peer itself was unreachable (connection refused, reset, gone).
-ORIGIN_KEY = "infermesh-origin"
 #: Not traced by the interceptors: health checks, and the data path's long-lived streams,
 #: whose messages get one span each instead (shared/streams.py).
 _NOT_TRACED = filters.negate(
@@ -44,14 +42,6 @@ _NOT_TRACED = filters.negate(
         filters.full_method_name("/infermesh.v1.RetrievalWorker/SearchStream"),
     )
 )
-
-
-def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
-    """Whether an UNAVAILABLE came from the transport (peer gone), not from the peer's logic."""
-    if err.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    trailing = err.trailing_metadata() or ()
-    return not any(key == ORIGIN_KEY for key, _ in trailing)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

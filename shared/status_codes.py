@@ -1,4 +1,5 @@
-"""gRPC status codes by their numeric value (results carry codes as ints inside batches)."""
+"""gRPC status codes by their numeric value (results carry codes as ints inside batches),
+and which statuses came from the transport rather than from a peer's logic."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import grpc
 from shared.errors import RPCError, message_of, status_of
 
 BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+#: Trailing metadata key on every error status a mesh service sets itself (its name): an
+#: error without it came from the transport or gRPC core, not from the peer's logic.
+ORIGIN_KEY = "infermesh-origin"
+
 
 
 def code_value(code: grpc.StatusCode) -> int:
@@ -31,3 +37,25 @@ def error_from(code: int, message: str, hop: str = "") -> RPCError:
     With ``hop``, the message names the service it came from, as ``RPCError.from_aio`` does.
     """
     return RPCError.from_hop(message, BY_VALUE.get(code, grpc.StatusCode.INTERNAL), hop)
+
+
+#: What grpc.aio reports when a write fails on a call its peer had already ended. The peer's
+#: own status (OK after a drain) is overwritten, and the message written never left
+#: (grpc/grpc#36066; upstream fix grpc/grpc#43486 is open).
+CORE_WRITE_FAILED = "Internal error from Core"
+
+
+def peer_ended_under_a_write(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a stream's INTERNAL is grpc.aio's own, for a write after the peer ended it."""
+    if err.code() != grpc.StatusCode.INTERNAL or err.details() != CORE_WRITE_FAILED:
+        return False
+    trailing = err.trailing_metadata() or ()
+    return not any(key == ORIGIN_KEY for key, _ in trailing)
+
+
+def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
+    """Whether an UNAVAILABLE came from the transport (peer gone), not from the peer's logic."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailing = err.trailing_metadata() or ()
+    return not any(key == ORIGIN_KEY for key, _ in trailing)

@@ -43,8 +43,13 @@ from opentelemetry import propagate, trace
 
 from shared import metrics
 from shared.errors import DeadlineExceeded, InfermeshError, RPCError, status_of
-from shared.rpc import Channels, peer_unreachable, target_of
-from shared.status_codes import error_fields, name_of
+from shared.rpc import Channels, target_of
+from shared.status_codes import (
+    error_fields,
+    name_of,
+    peer_ended_under_a_write,
+    peer_unreachable,
+)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("infermesh.streams")
@@ -279,6 +284,10 @@ def _stream_failure(err: grpc.aio.AioRpcError, endpoint: str, hop: str) -> Excep
     code = err.code()
     if peer_unreachable(err) or code == grpc.StatusCode.CANCELLED:
         return PeerGone(endpoint, f"{hop} unreachable ({err.details() or code.name})")
+    if peer_ended_under_a_write(err):
+        # The peer answered what it read and ended the stream (a drain) while a message of
+        # ours was on its way: the calls still pending here never reached it.
+        return PeerGone(endpoint, f"{hop} ended the stream under a write")
     return RPCError.from_aio(err, hop)
 
 

@@ -30,6 +30,7 @@ from shared.pb.infermesh.v1 import (
     retrieval_worker_pb2,
     retrieval_worker_pb2_grpc,
 )
+from shared.status_codes import peer_unreachable
 from shared.tensors import require_finite, to_numpy
 from shared.validation import MAX_VECTOR_ABS
 
@@ -125,7 +126,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionsServicer):
             try:
                 return await getattr(stub, method)(request, timeout=self._timeout)
             except grpc.aio.AioRpcError as err:
-                if rpc.peer_unreachable(err) and attempt < 2:
+                if peer_unreachable(err) and attempt < 2:
                     # A worker that died keeps its member record until the TTL: skip it.
                     self._members.forget(endpoint)
                     continue

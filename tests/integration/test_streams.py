@@ -10,6 +10,7 @@ a hang), and a deadline ends one call without disturbing the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,8 +18,15 @@ import grpc
 import pytest
 
 from shared import metrics, rpc, streams
-from shared.errors import DeadlineExceeded, InvalidArgument
-from shared.pb.infermesh.v1 import batcher_pb2, batcher_pb2_grpc, common_pb2
+from shared.client import AsyncClient, InferStream
+from shared.errors import DeadlineExceeded, InvalidArgument, RPCError
+from shared.pb.infermesh.v1 import (
+    batcher_pb2,
+    batcher_pb2_grpc,
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+)
 
 SUBMIT = streams.PerMessage(
     service="stream-test",
@@ -221,3 +229,110 @@ async def test_a_server_that_dies_fails_its_calls_peer_gone_instead_of_hanging(
     for call in pending:
         with pytest.raises(streams.PeerGone):
             await asyncio.wait_for(call, 5)
+
+
+
+class EndsEarly(Delayed):
+    """Answers the calls of the first message it reads, then ends the stream with OK."""
+
+    async def SubmitStream(
+        self, requests: AsyncIterator[batcher_pb2.SubmitCalls], context: object
+    ) -> AsyncIterator[batcher_pb2.SubmitAnswers]:
+        async for message in requests:
+            yield batcher_pb2.SubmitAnswers(answers=[await self._one(c) for c in message.calls])
+            return
+
+
+async def test_a_stream_ended_under_a_write_fails_the_unsent_calls_peer_gone() -> None:
+    # grpc.aio reports a write after the peer ended the call as INTERNAL "Internal error from
+    # Core" (grpc/grpc#36066), in place of the peer's OK. Those calls never left: they fail
+    # PeerGone (the caller tries another replica), as after a drain; never with an INTERNAL.
+    servicer = EndsEarly()
+    server, port, _ = rpc.create_server(
+        "stream-test",
+        "127.0.0.1",
+        0,
+        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
+        ["infermesh.v1.Batcher"],
+        tracing=False,
+    )
+    await server.start()
+    channels = rpc.Channels(rpc.Transport(tracing=False))
+    pool: streams.Streams = streams.Streams(
+        channels,
+        batcher_pb2_grpc.BatcherStub,
+        "SubmitStream",
+        batcher_pb2.SubmitCalls,
+        "infermesh.v1.Batcher/Submit",
+        "batcher",
+    )
+    stream = pool.get(f"127.0.0.1:{port}")
+    outcomes: list[str] = []
+
+    async def one(request_id: str) -> None:
+        try:
+            await stream.call(submit(request_id + "x" * 1000), timeout=5)
+            outcomes.append("answered")
+        except streams.PeerGone as gone:
+            outcomes.append(str(gone))
+
+    try:
+        for round_ in range(20):
+            calls = []
+            for i in range(100):  # one write each: the stream ends while they go out
+                calls.append(asyncio.ensure_future(one(f"{round_}-{i}")))
+                await asyncio.sleep(0)
+            await asyncio.gather(*calls)  # an RPCError (the INTERNAL) would raise here
+    finally:
+        await channels.close()
+        await server.stop(0)
+    assert "answered" in outcomes
+    assert any("ended the stream under a write" in o for o in outcomes), set(outcomes)
+
+
+class RouterEndsEarly(router_pb2_grpc.RouterServicer):
+    """Answers the first request of an InferStream, then ends the stream with OK."""
+
+    async def InferStream(
+        self, requests: AsyncIterator[router_pb2.InferRequest], context: object
+    ) -> AsyncIterator[router_pb2.InferResponse]:
+        async for request in requests:
+            yield router_pb2.InferResponse(request_id=request.request_id, model=request.model)
+            return
+
+
+async def test_a_client_stream_ended_under_a_write_fails_its_requests_unavailable() -> None:
+    # The same grpc.aio INTERNAL, seen by a user's InferStream: the router ended the stream
+    # (a drain), so the requests not answered are UNAVAILABLE (send again), never INTERNAL.
+    server, port, _ = rpc.create_server(
+        "stream-test",
+        "127.0.0.1",
+        0,
+        [lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterEndsEarly(), s)],
+        ["infermesh.v1.Router"],
+        tracing=False,
+    )
+    await server.start()
+    codes: list[str] = []
+
+    async def one(stream: InferStream, text: str) -> None:
+        try:
+            await stream.infer("m", texts=[text], timeout=5)
+            codes.append("OK")
+        except RPCError as err:
+            codes.append(err.status.name)
+
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            for round_ in range(20):
+                stream = client.stream()
+                calls = []
+                for i in range(50):
+                    calls.append(asyncio.ensure_future(one(stream, f"{round_}-{i}" + "x" * 1000)))
+                    await asyncio.sleep(0)
+                await asyncio.gather(*calls)
+                await stream.close()
+    finally:
+        await server.stop(0)
+    assert "OK" in codes and "UNAVAILABLE" in codes
+    assert set(codes) == {"OK", "UNAVAILABLE"}, collections.Counter(codes)
