@@ -45,17 +45,19 @@ def error_from(code: int, message: str, hop: str = "") -> RPCError:
 CORE_WRITE_FAILED = "Internal error from Core"
 
 
+def _no_origin(err: grpc.aio.AioRpcError) -> bool:
+    return not any(key == ORIGIN_KEY for key, _ in err.trailing_metadata() or ())
+
+
 def peer_ended_under_a_write(err: grpc.aio.AioRpcError) -> bool:
     """Whether a stream's INTERNAL is grpc.aio's own, for a write after the peer ended it."""
-    if err.code() != grpc.StatusCode.INTERNAL or err.details() != CORE_WRITE_FAILED:
-        return False
-    trailing = err.trailing_metadata() or ()
-    return not any(key == ORIGIN_KEY for key, _ in trailing)
+    return (
+        err.code() == grpc.StatusCode.INTERNAL
+        and err.details() == CORE_WRITE_FAILED
+        and _no_origin(err)
+    )
 
 
 def peer_unreachable(err: grpc.aio.AioRpcError) -> bool:
     """Whether an UNAVAILABLE came from the transport (peer gone), not from the peer's logic."""
-    if err.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    trailing = err.trailing_metadata() or ()
-    return not any(key == ORIGIN_KEY for key, _ in trailing)
+    return err.code() == grpc.StatusCode.UNAVAILABLE and _no_origin(err)
