@@ -267,19 +267,14 @@ class Bus:
             APIError.from_error(reply["error"])  # raises the matching NotFoundError etc.
         return reply
 
-    async def kv_replayed_at(self, bucket: str) -> int:
-        """The stream sequence a watcher started now has replayed the bucket up to; 0 = empty.
+    async def kv_sequences(self, bucket: str) -> tuple[int, int]:
+        """The first and last stream sequence the bucket holds; first > last when it is empty.
 
         A watch's own end-of-replay marker can come before buffered or later-numbered entries
-        (nats-io/nats.py#842); the replay is whole once an entry at or past this one arrived.
+        (nats-io/nats.py#842): a replay started now is whole once it reached ``last``.
         """
         state = (await self._kv_stream(bucket, subjects=False))["state"]
-        return int(state["last_seq"]) if state.get("messages") else 0
-
-    async def kv_replay_lapsed(self, bucket: str, seq: int) -> bool:
-        """Whether the bucket no longer holds sequence `seq` (expired by TTL, or emptied)."""
-        state = (await self._kv_stream(bucket, subjects=False))["state"]
-        return not state.get("messages") or int(state["first_seq"]) > seq
+        return int(state["first_seq"]), int(state["last_seq"])
 
     async def kv_items(self, bucket: str, create: bool = True) -> dict[str, bytes]:
         """The bucket's current values by key (deleted keys left out); {} for no bucket.
@@ -300,15 +295,15 @@ class Bus:
             keys.extend(subject[len(prefix) :] for subject in page)
             if not page or len(keys) >= int(reply.get("total", 0)):
                 break
-        items: dict[str, bytes] = {}
-        for key in keys:
+
+        async def value(key: str) -> bytes | None:
             try:
-                entry = await kv.get(key)
+                return (await kv.get(key)).value
             except KeyNotFoundError:  # deleted or purged: its marker keeps the subject listed
-                continue
-            if entry.value:
-                items[key] = entry.value
-        return items
+                return None
+
+        values = await asyncio.gather(*(value(key) for key in keys))
+        return {key: v for key, v in zip(keys, values, strict=True) if v}
 
     async def close(self) -> None:
         """Drain subscriptions and close; safe to call twice."""

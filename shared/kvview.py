@@ -80,7 +80,8 @@ class KVView(Generic[T]):
             generation = self._bus.generation
             try:
                 kv = await self._bus.kv(self._bucket, ttl=self._ttl)
-                replayed_at = await self._bus.kv_replayed_at(self._bucket)
+                first, last = await self._bus.kv_sequences(self._bucket)
+                replayed_at = last if first <= last else 0  # 0: an empty bucket
                 watcher = await kv.watchall()
             except asyncio.CancelledError:
                 raise
@@ -125,10 +126,10 @@ class KVView(Generic[T]):
             replayed()
         async for entry in watcher:
             if entry is None:
-                if seen is not None and await self._bus.kv_replay_lapsed(
-                    self._bucket, replayed_at
-                ):
-                    replayed()
+                if seen is not None:  # early, unless `replayed_at` expired (TTL) since
+                    first, _ = await self._bus.kv_sequences(self._bucket)
+                    if first > replayed_at:
+                        replayed()
                 continue
             if seen is not None:
                 seen.add(entry.key)

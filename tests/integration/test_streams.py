@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -85,23 +85,30 @@ def submit(request_id: str, delay_ms: int = 0, target: str = "t") -> batcher_pb2
     )
 
 
-@asynccontextmanager
-async def serving(
-    limit: int = 64 * 1024 * 1024,
-) -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
-    """A Delayed servicer and a CallStream to it, both under a gRPC message limit."""
-    servicer = Delayed()
-    servicer.bundle_bytes = streams.bundle_budget(limit)
+async def started(
+    register: Callable[[grpc.aio.Server], None], service: str, limit: int = 64 * 1024 * 1024
+) -> tuple[grpc.aio.Server, int]:
+    """A started test server for one servicer, under a gRPC message limit; and its port."""
     server, port, _ = rpc.create_server(
-        "stream-test",
-        "127.0.0.1",
-        0,
-        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
-        ["infermesh.v1.Batcher"],
-        max_message_bytes=limit,
-        tracing=False,
+        "stream-test", "127.0.0.1", 0, [register], [service],
+        max_message_bytes=limit, tracing=False,
     )
     await server.start()
+    return server, port
+
+
+@asynccontextmanager
+async def serving(
+    limit: int = 64 * 1024 * 1024, servicer: Delayed | None = None
+) -> AsyncIterator[tuple[grpc.aio.Server, Delayed, streams.CallStream]]:
+    """A Delayed servicer (or the one given) and a CallStream to it, under a message limit."""
+    servicer = servicer or Delayed()
+    servicer.bundle_bytes = streams.bundle_budget(limit)
+    server, port = await started(
+        lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s),
+        "infermesh.v1.Batcher",
+        limit,
+    )
     channels = rpc.Channels(rpc.Transport(max_message_bytes=limit, tracing=False))
     pool: streams.Streams = streams.Streams(
         channels,
@@ -231,7 +238,6 @@ async def test_a_server_that_dies_fails_its_calls_peer_gone_instead_of_hanging(
             await asyncio.wait_for(call, 5)
 
 
-
 class EndsEarly(Delayed):
     """Answers the calls of the first message it reads, then ends the stream with OK."""
 
@@ -247,45 +253,22 @@ async def test_a_stream_ended_under_a_write_fails_the_unsent_calls_peer_gone() -
     # grpc.aio reports a write after the peer ended the call as INTERNAL "Internal error from
     # Core" (grpc/grpc#36066), in place of the peer's OK. Those calls never left: they fail
     # PeerGone (the caller tries another replica), as after a drain; never with an INTERNAL.
-    servicer = EndsEarly()
-    server, port, _ = rpc.create_server(
-        "stream-test",
-        "127.0.0.1",
-        0,
-        [lambda s: batcher_pb2_grpc.add_BatcherServicer_to_server(servicer, s)],
-        ["infermesh.v1.Batcher"],
-        tracing=False,
-    )
-    await server.start()
-    channels = rpc.Channels(rpc.Transport(tracing=False))
-    pool: streams.Streams = streams.Streams(
-        channels,
-        batcher_pb2_grpc.BatcherStub,
-        "SubmitStream",
-        batcher_pb2.SubmitCalls,
-        "infermesh.v1.Batcher/Submit",
-        "batcher",
-    )
-    stream = pool.get(f"127.0.0.1:{port}")
     outcomes: list[str] = []
+    async with serving(servicer=EndsEarly()) as (_, _, stream):
 
-    async def one(request_id: str) -> None:
-        try:
-            await stream.call(submit(request_id + "x" * 1000), timeout=5)
-            outcomes.append("answered")
-        except streams.PeerGone as gone:
-            outcomes.append(str(gone))
+        async def one(request_id: str) -> None:
+            try:
+                await stream.call(submit(request_id + "x" * 1000), timeout=5)
+                outcomes.append("answered")
+            except streams.PeerGone as gone:
+                outcomes.append(str(gone))
 
-    try:
         for round_ in range(20):
             calls = []
             for i in range(100):  # one write each: the stream ends while they go out
                 calls.append(asyncio.ensure_future(one(f"{round_}-{i}")))
                 await asyncio.sleep(0)
             await asyncio.gather(*calls)  # an RPCError (the INTERNAL) would raise here
-    finally:
-        await channels.close()
-        await server.stop(0)
     assert "answered" in outcomes
     assert any("ended the stream under a write" in o for o in outcomes), set(outcomes)
 
@@ -304,15 +287,10 @@ class RouterEndsEarly(router_pb2_grpc.RouterServicer):
 async def test_a_client_stream_ended_under_a_write_fails_its_requests_unavailable() -> None:
     # The same grpc.aio INTERNAL, seen by a user's InferStream: the router ended the stream
     # (a drain), so the requests not answered are UNAVAILABLE (send again), never INTERNAL.
-    server, port, _ = rpc.create_server(
-        "stream-test",
-        "127.0.0.1",
-        0,
-        [lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterEndsEarly(), s)],
-        ["infermesh.v1.Router"],
-        tracing=False,
+    server, port = await started(
+        lambda s: router_pb2_grpc.add_RouterServicer_to_server(RouterEndsEarly(), s),
+        "infermesh.v1.Router",
     )
-    await server.start()
     codes: list[str] = []
 
     async def one(stream: InferStream, text: str) -> None:
